@@ -1,0 +1,18 @@
+"""d2v2-kernels: fused ops and a slim trainer for data2vec 2.0.
+
+Ops (see shared/spec/ops.md for the contract): gather_visible, decoder_input, ema_update_.
+Backends: set_backend / use_backend / D2V2_BACKEND, available_backends(), build_info().
+"""
+
+from .backends import available_backends, build_info, get_backend, set_backend, use_backend
+from .ops.gather import gather_visible
+
+__all__ = [
+    "available_backends",
+    "build_info",
+    "gather_visible",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
+__version__ = "0.1.0"
