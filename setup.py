@@ -15,14 +15,16 @@ import sysconfig
 
 
 def _find_cuda_home():
-    """CUDA_HOME if set, else the toolkit of the nvcc on PATH, else the newest /usr/local/cuda-*."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
+    """The first toolkit with both nvcc and headers: CUDA_HOME, the nvcc on PATH, /usr/local/cuda[-*]."""
+    candidates = [os.environ.get("CUDA_HOME")]
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for cand in sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]:
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+    if nvcc:  # may be a wrapper script (e.g. /usr/local/bin/nvcc), hence the header check below
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for cand in candidates:
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
+            os.path.join(cand, "include", "cuda_runtime.h")
+        ):
             return cand
     return None
 
@@ -61,17 +63,18 @@ def cuda_extension():
     gencode = []
     for arch in archs:
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    # torch's CUDA headers include the cuSPARSE/cuBLAS headers that pip ships under nvidia/cu*/include.
+    # Some torch CUDA headers include cuSPARSE/cuBLAS headers that only pip ships (nvidia/cu*/include);
+    # searched after the toolkit's own include dir, whose cuda_runtime.h must win.
     site = sysconfig.get_paths()["purelib"]
-    include = INCLUDE + sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
-    archs_literal = '\\"' + ";".join(archs) + '\\"'
+    after = [f"-idirafter{d}" for d in sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))]
+    archs_token = "_".join(archs)  # e.g. 80_90a: a bare token, stringised in C++ (quotes break in ninja)
     return CUDAExtension(
         "d2v2_kernels._C_cuda",
         _rel("python/cuda/*.cpp") + _rel("csrc/cuda/*.cu"),
-        include_dirs=include,
-        define_macros=[("D2V2_CUDA_ARCHS", archs_literal)],
+        include_dirs=INCLUDE,
+        define_macros=[("D2V2_CUDA_ARCHS", archs_token)],
         extra_compile_args={
-            "cxx": ["-O3"],
+            "cxx": ["-O3"] + after,
             "nvcc": ["-O3", "-lineinfo"] + gencode,
         },
     )

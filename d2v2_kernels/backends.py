@@ -192,7 +192,7 @@ def build_info() -> dict:
         "cpu_extension": {"built": cpu_mod is not None, "openmp": getattr(cpu_mod, "openmp", None),
                           "threads": torch.get_num_threads(), "error": cpu_reason},
         "cuda_extension": {"built": cuda_mod is not None,
-                           "archs": getattr(cuda_mod, "cuda_archs", "").split(";") if cuda_mod else [],
+                           "archs": getattr(cuda_mod, "cuda_archs", "").split("_") if cuda_mod else [],
                            "error": cuda_reason},
         "triton": {"version": triton_version, "interpreter": triton_interpreting(), "error": triton_reason},
     }

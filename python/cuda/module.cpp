@@ -2,6 +2,9 @@
 // CUDA tensors. Each op's binding file adds its functions here.
 #include <torch/extension.h>
 
+#define D2V2_STRINGIFY_(x) #x
+#define D2V2_STRINGIFY(x) D2V2_STRINGIFY_(x)
+
 void register_gather_cuda(pybind11::module_& m);
 void register_decoder_input_cuda(pybind11::module_& m);
 void register_ema_cuda(pybind11::module_& m);
@@ -11,5 +14,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gather_cuda(m);
   register_decoder_input_cuda(m);
   register_ema_cuda(m);
-  m.attr("cuda_archs") = D2V2_CUDA_ARCHS;
+  m.attr("cuda_archs") = D2V2_STRINGIFY(D2V2_CUDA_ARCHS);  // e.g. "80_90a"
 }
