@@ -6,10 +6,16 @@ Backends: set_backend / use_backend / D2V2_BACKEND, available_backends(), build_
 
 from .backends import available_backends, build_info, get_backend, set_backend, use_backend
 from .ops.gather import gather_visible
+from .ops.decoder_input import decoder_input
+from .ops.ema import ema_update_
+from .nn import EMATeacher
 
 __all__ = [
+    "EMATeacher",
     "available_backends",
     "build_info",
+    "decoder_input",
+    "ema_update_",
     "gather_visible",
     "get_backend",
     "set_backend",

@@ -22,7 +22,7 @@ void gather_visible_forward(const T* x, int64_t x_stride_b, int64_t x_stride_t, 
 
 // Channel tile owned by one task in the backward: small enough that the fp32 accumulator of a
 // whole sample ([T, tile]) stays in L2, large enough for long vector loops.
-constexpr int64_t kGatherTile = 256;
+constexpr int64_t kGatherTile = 64;
 
 template <typename T>
 void gather_visible_backward(const T* grad_out, int64_t g_stride_n, int64_t g_stride_k,
