@@ -1,5 +1,6 @@
 // decoder_input on CUDA: one row per (warp-sized) thread group, each output row a copy of its visible
-// row, a copy of its noise row, or Philox noise drawn in registers (philox.h, shared with the CPU).
+// row, a copy of its noise row, or Philox noise drawn in registers (philox.h, shared with the CPU: one
+// Philox call per thread and four consecutive normals from it).
 // Backward: each visible row receives the one grad row that came from it; no atomics.
 #include <cuda_runtime.h>
 
@@ -26,9 +27,19 @@ __global__ void decoder_input_forward_kernel(const T* __restrict__ x_vis, int64_
     } else if (noise != nullptr) {
       copy_row(noise + n * noise_stride_n + (r - K) * noise_stride_r, dst, C, threadIdx.x, blockDim.x);
     } else {
-      const uint64_t base = static_cast<uint64_t>((n * (T_len - K) + (r - K)) * C);
-      for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        dst[c] = from_float<T>(philox_normal(seed, base + static_cast<uint64_t>(c)) * noise_std);
+      // Noise numbers [begin, end) of the stream: one Philox group (four numbers) per thread. The groups
+      // at the two ends may straddle the neighbouring rows; their lanes outside the row are dropped.
+      const uint64_t begin = static_cast<uint64_t>((n * (T_len - K) + (r - K)) * C);
+      const uint64_t end = begin + static_cast<uint64_t>(C);
+      const uint64_t last = (end - 1) >> 2;
+      for (uint64_t g = (begin >> 2) + threadIdx.x; g <= last; g += blockDim.x) {
+        const Normal4 z = philox_normal4(seed, g);
+        const float lanes[4] = {z.z0, z.z1, z.z2, z.z3};
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          const uint64_t i = 4 * g + static_cast<uint64_t>(l);
+          if (i >= begin && i < end) dst[i - begin] = from_float<T>(lanes[l] * noise_std);
+        }
       }
     }
   }

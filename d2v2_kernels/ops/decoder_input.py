@@ -5,13 +5,18 @@ the noise, writes the concatenation and reads it back through the gather; the fu
 output row once, reading its visible row or drawing its noise in registers.
 
 In-kernel noise is counter-based: element (n, j, c) of the [N, T - K, C] noise is
-philox_normal(seed, (n * (T - K) + j) * C + c) * noise_std, with Philox4x32-10 (counter = the flat
-offset, key = the 64-bit seed) and one Box-Muller draw sqrt(-2 ln u) * cos(pi v) in fp32
-(csrc/include/d2v2/philox.h). The CPU, CUDA and Triton kernels (branch-free log/cos polynomials, within
-2 ulp, mirrored in `_log_unit` / `_cospi_unit`) and the PyTorch reference (`philox_normal_reference`,
-torch.log/cos) all compute that function, so every backend draws the same noise from one seed up to
-the rounding of log/cos/sqrt. The seed is drawn from `generator` (default: torch's CPU generator) once
-per call, so `torch.manual_seed` reproduces it.
+philox_normal(seed, i) * noise_std with i = (n * (T - K) + j) * C + c its flat offset. One Philox4x32-10
+call gives four normals: number i is lane i % 4 of group g = i // 4, whose words (w0, w1, w2, w3) =
+Philox(counter = (g_lo, g_hi, 0, 0), key = the 64-bit seed) feed Box-Muller twice in fp32: lanes 0 and 1
+are sqrt(-2 ln u) * cos(pi v) and sqrt(-2 ln u) * sin(pi v) of the uniform pair (u, v) from (w0, w1),
+lanes 2 and 3 the same from (w2, w3) (csrc/include/d2v2/philox.h). A group may straddle two noise rows
+(when C % 4 != 0): each row uses the lanes inside it, so the noise does not depend on how the kernels
+split the work. The CPU kernel draws each group once (four outputs per Philox call), the CUDA kernel one
+group per thread, the Triton kernel one group per element (keeping its own lane). The kernels use
+branch-free log/cos/sin polynomials (within 2 ulp, mirrored in `_log_unit` / `_sincospi_unit`), the
+PyTorch reference (`philox_normal_reference`, `philox_normal4_reference`) torch.log/cos/sin: every
+backend draws the same noise from one seed up to the rounding of log/cos/sin/sqrt. The seed is drawn
+from `generator` (default: torch's CPU generator) once per call, so `torch.manual_seed` reproduces it.
 
 Backward: ids_restore rows are permutations, so each visible row r < K receives exactly one grad row:
 grad_x_vis[n, ids_restore[n, t]] = grad_out[n, t]. Every kernel writes each output row once (no
@@ -61,28 +66,53 @@ def philox4x32_10_reference(c0: Tensor, c1, c2, c3, k0, k1) -> tuple[Tensor, Ten
     return c0, c1, c2, c3
 
 
+def _box_muller_reference(w_u: Tensor, w_v: Tensor) -> tuple[Tensor, Tensor]:
+    """philox.h's box_muller2 on int64 tensors of Philox words: the (cos, sin) branches, fp32."""
+    # Exact in fp32: (2k + 1) * 2^-24 in (0, 1) and (2k + 1) * 2^-23 - 1 in (-1, 1), k the top 23 bits.
+    u = ((w_u >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    v = ((w_v >> 9).to(torch.float32) + 0.5) * 2.0**-22 - 1.0
+    r = torch.sqrt(-2.0 * torch.log(u))
+    angle = math.pi * v
+    return r * torch.cos(angle), r * torch.sin(angle)
+
+
+def _seed_words(seed: Tensor | int, device) -> tuple:
+    if isinstance(seed, Tensor):
+        seed = seed.to(device=device, dtype=torch.int64)
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def philox_normal4_reference(seed: Tensor | int, groups: Tensor) -> Tensor:
+    """philox.h's philox_normal4(seed, group) for every int64 group: fp32 [..., 4], the normals
+    4 * group + 0..3 of the stream (lanes cos and sin of words (0, 1), then of words (2, 3))."""
+    groups = groups.to(torch.int64)
+    zero = torch.zeros_like(groups)
+    w0, w1, w2, w3 = philox4x32_10_reference(
+        groups & _MASK32, (groups >> 32) & _MASK32, zero, zero, *_seed_words(seed, groups.device)
+    )
+    z0, z1 = _box_muller_reference(w0, w1)
+    z2, z3 = _box_muller_reference(w2, w3)
+    return torch.stack([z0, z1, z2, z3], dim=-1)
+
+
 def philox_normal_reference(seed: Tensor | int, offsets: Tensor) -> Tensor:
-    """philox.h's philox_normal(seed, offset) for every int64 offset: fp32 N(0, 1) values.
+    """philox.h's philox_normal(seed, offset) for every int64 offset >= 0: fp32 N(0, 1) values, number
+    `offset` of the stream = lane offset % 4 of group offset // 4 (one Philox call per element here).
 
     seed: an int or a 0-dim int64 tensor (kept a tensor, so torch.compile traces it without .item()).
     """
     offsets = offsets.to(torch.int64)
-    if isinstance(seed, Tensor):
-        seed = seed.to(device=offsets.device, dtype=torch.int64)
-    zero = torch.zeros_like(offsets)
-    x0, x1, _, _ = philox4x32_10_reference(
-        offsets & _MASK32, (offsets >> 32) & _MASK32, zero, zero, seed & _MASK32, (seed >> 32) & _MASK32
-    )
-    # Exact in fp32: (2k + 1) * 2^-24 in (0, 1) and (2k + 1) * 2^-23 - 1 in (-1, 1), k the top 23 bits.
-    u = ((x0 >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    v = ((x1 >> 9).to(torch.float32) + 0.5) * 2.0**-22 - 1.0
-    return torch.sqrt(-2.0 * torch.log(u)) * torch.cos(math.pi * v)
+    z = philox_normal4_reference(seed, offsets >> 2)
+    return torch.gather(z, -1, (offsets & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def reference_noise(seed, N: int, masked: int, C: int, noise_std: float, dtype, device) -> Tensor:
-    """The [N, T - K, C] noise the fused kernels draw in place, materialised (reference path, tests)."""
-    offsets = torch.arange(N * masked * C, device=device, dtype=torch.int64)
-    return (philox_normal_reference(seed, offsets) * noise_std).to(dtype).view(N, masked, C)
+    """The [N, T - K, C] noise the fused kernels draw in place, materialised (reference path, tests).
+    Numbers 0 .. N * (T - K) * C - 1 of the stream: one Philox group per four of them."""
+    count = N * masked * C
+    groups = torch.arange((count + 3) // 4, device=device, dtype=torch.int64)
+    z = philox_normal4_reference(seed, groups).flatten()[:count]
+    return (z * noise_std).to(dtype).view(N, masked, C)
 
 
 # --- reference: the executable definition (and the eager chain the benchmarks compare against) ------
@@ -122,27 +152,34 @@ if triton is not None:
         return (x + y) + 0.693359375 * fe
 
     @triton.jit
-    def _cospi_unit(v):
-        """philox.h's cospi_unit: cos(pi * v) for v in [-1, 1], folded onto [0, 1/4] exactly."""
+    def _sincospi_unit(v):
+        """philox.h's sincospi_unit: (sin(pi v), cos(pi v)) for v in [-1, 1], folded onto [0, 1/4] exactly."""
         a = tl.abs(v)
         flip = a > 0.5
         a = tl.where(flip, 1.0 - a, a)
-        as_sin = a > 0.25
-        a = tl.where(as_sin, 0.5 - a, a)
+        swap = a > 0.25
+        a = tl.where(swap, 0.5 - a, a)
         x = a * 3.141592653589793
         z = x * x
-        c = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
-        s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * x + x
-        r = tl.where(as_sin, s, c)
-        return tl.where(flip, -r, r)
+        pc = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+        ps = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * x + x
+        c = tl.where(swap, ps, pc)
+        s = tl.where(swap, pc, ps)
+        return tl.where(v < 0.0, -s, s), tl.where(flip, -c, c)
 
     @triton.jit
     def _philox_normal(seed, offset):
-        """philox.h's philox_normal on a block of int64 offsets (same words, same fp32 formula)."""
-        bits0, bits1, _, _ = tl.randint4x(seed, offset)  # counter (lo, hi, 0, 0), key (seed_lo, seed_hi)
-        u = ((bits0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # (2k + 1) * 2^-24
-        v = ((bits1 >> 9).to(tl.float32) + 0.5) * 2.384185791015625e-07 - 1.0  # (2k + 1) * 2^-23 - 1
-        return tl.sqrt_rn(-2.0 * _log_unit(u)) * _cospi_unit(v)
+        """philox.h's philox_normal on a block of int64 offsets >= 0: each element computes the Philox
+        group offset // 4 (redundant 4x across a group's lanes; cheap against memory on a GPU) and keeps
+        its lane offset % 4 (same words, same fp32 formula)."""
+        w0, w1, w2, w3 = tl.randint4x(seed, offset >> 2)  # counter (g_lo, g_hi, 0, 0), key (seed_lo, seed_hi)
+        lane = offset & 3
+        wu = tl.where(lane < 2, w0, w2)  # lanes 0, 1: the pair (w0, w1); lanes 2, 3: (w2, w3)
+        wv = tl.where(lane < 2, w1, w3)
+        u = ((wu >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # (2k + 1) * 2^-24
+        v = ((wv >> 9).to(tl.float32) + 0.5) * 2.384185791015625e-07 - 1.0  # (2k + 1) * 2^-23 - 1
+        s, c = _sincospi_unit(v)
+        return tl.sqrt_rn(-2.0 * _log_unit(u)) * tl.where((lane & 1) == 0, c, s)
 
     @triton.jit
     def decoder_input_fwd_kernel(

@@ -16,6 +16,7 @@ from d2v2_kernels.ops.decoder_input import (
     decoder_input_reference,
     draw_seed,
     philox4x32_10_reference,
+    philox_normal4_reference,
     philox_normal_reference,
     reference_noise,
 )
@@ -192,10 +193,24 @@ def test_philox_known_answers():
         assert [int(g) for g in got] == list(expected)
 
 
+def _normal4_from_first_principles(seed: int, group: int) -> list[float]:
+    """The four normals of Philox group `group` under `seed`, in double precision: counter (g_lo, g_hi, 0, 0),
+    key (seed_lo, seed_hi); Box-Muller's cos and sin branches on words (0, 1), then on words (2, 3)."""
+    w = [torch.tensor([x]) for x in (group & 0xFFFFFFFF, group >> 32, 0, 0)]
+    words = [int(v) for v in philox4x32_10_reference(*w, seed & 0xFFFFFFFF, seed >> 32)]
+    out = []
+    for wu, wv in (words[0:2], words[2:4]):
+        u, v = ((wu >> 9) + 0.5) * 2.0**-23, ((wv >> 9) + 0.5) * 2.0**-22 - 1.0
+        r = math.sqrt(-2.0 * math.log(u))
+        out += [r * math.cos(math.pi * v), r * math.sin(math.pi * v)]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_drawn_noise_same_on_every_backend(dtype):
-    """cpu, triton and the reference draw the same noise from one seed (up to log/cos rounding)."""
-    N, T, K, C = 2, 6, 2, 1100  # C > 1024: two channel blocks in the Triton kernel
+    """cpu, triton and the reference draw the same noise from one seed (up to log/cos/sin rounding)."""
+    # C > 1024: two channel blocks in the Triton kernel; C % 4 == 1: Philox groups straddle noise rows.
+    N, T, K, C = 2, 6, 2, 1101
     x_vis = torch.randn(N, K, C, dtype=dtype)
     ids = make_ids(N, T)
     outs = {}
@@ -207,19 +222,31 @@ def test_drawn_noise_same_on_every_backend(dtype):
         torch.testing.assert_close(outs[backend], outs["reference"], **tol)
     if {"cpu", "triton"} <= set(BACKENDS):
         torch.testing.assert_close(outs["triton"], outs["cpu"], **tol)
-    # Spot checks from first principles: element (n, j, c) of the noise is Box-Muller on the Philox words of
-    # counter offset = (n * (T - K) + j) * C + c, key = the seed, evaluated here in double precision.
+    # Spot checks from first principles: element (n, j, c) of the noise is number i = (n * (T - K) + j) * C + c
+    # of the stream, lane i % 4 of Philox group i // 4; the first and last channels of a row sit in groups
+    # shared with the neighbouring rows.
     seed = int(draw_seed(torch.Generator().manual_seed(11)))
     masked_positions = (ids >= K).nonzero().tolist()
-    for (n, t), c in zip(masked_positions[::2], [0, 1099, 517, 1024]):
-        j = int(ids[n, t]) - K
-        offset = (n * (T - K) + j) * C + c
-        w = [torch.tensor([x]) for x in (offset & 0xFFFFFFFF, offset >> 32, 0, 0)]
-        x0, x1, _, _ = (int(v) for v in philox4x32_10_reference(*w, seed & 0xFFFFFFFF, seed >> 32))
-        u, v = ((x0 >> 9) + 0.5) * 2.0**-23, ((x1 >> 9) + 0.5) * 2.0**-22 - 1.0
-        z = math.sqrt(-2.0 * math.log(u)) * math.cos(math.pi * v)
+    for (n, t), c in zip(masked_positions, [0, 1100, 517, 1024, 1, 1099, 2, 3]):
+        i = (n * (T - K) + int(ids[n, t]) - K) * C + c
+        z = _normal4_from_first_principles(seed, i // 4)[i % 4]
         for backend, out in outs.items():
             assert out[n, t, c].item() == pytest.approx(z, abs=1e-5 if dtype == torch.float32 else 2e-2), backend
+
+
+def test_philox_normal4_reference_lanes():
+    """Each group's four normals: the first-principles values, and philox_normal_reference's lanes."""
+    seed = 0x0123456789ABCDEF
+    groups = torch.tensor([0, 1, 12345, 2**32 - 1, 2**32, 0xFEDCBA9876543], dtype=torch.int64)
+    z4 = philox_normal4_reference(torch.tensor(seed), groups)
+    assert z4.shape == (len(groups), 4) and z4.dtype == torch.float32
+    for row, g in zip(z4.tolist(), groups.tolist()):
+        assert row == pytest.approx(_normal4_from_first_principles(seed, g), abs=2e-6)
+    offsets = (4 * groups[:, None] + torch.arange(4)).flatten()
+    assert torch.equal(philox_normal_reference(seed, offsets), z4.flatten())
+    # reference_noise (one group per four numbers) is the per-number function on the flat offsets.
+    noise = reference_noise(seed, 3, 5, 7, 0.5, torch.float32, "cpu")
+    assert torch.equal(noise.flatten(), philox_normal_reference(seed, torch.arange(3 * 5 * 7)) * 0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -229,9 +256,9 @@ def test_drawn_noise_statistics(backend):
         N, T, C = 4, 512, 512  # 1M values
     else:  # the interpreter: keep it small
         N, T, C = 2, 64, 512
-    out = None
+    ids = torch.arange(T).expand(N, T)  # K = 0 and the identity: the output is the noise, in stream order
     with dk.use_backend(backend):
-        out = dk.decoder_input(torch.randn(N, 0, C), make_ids(N, T), noise_std).double()
+        out = dk.decoder_input(torch.randn(N, 0, C), ids, noise_std).double()
     n = out.numel()
     assert abs(out.mean().item()) < 5 * noise_std / math.sqrt(n)
     assert abs(out.std().item() / noise_std - 1) < 5 * math.sqrt(0.5 / n) + 1e-3
@@ -241,6 +268,20 @@ def test_drawn_noise_statistics(backend):
     assert z.abs().max() < 6  # sqrt(-2 ln 2^-24) = 5.77 bounds Box-Muller with 23-bit uniforms
     # Neighbouring elements are uncorrelated.
     assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < 5 / math.sqrt(n)
+    # Each lane of the Philox groups (4 consecutive numbers, from one call) is N(0, 1) on its own, and the
+    # four lanes of a group are uncorrelated: cos and sin branches of one pair, and the two pairs.
+    lanes = z.view(-1, 4).t()
+    groups = lanes.shape[1]
+    assert (lanes.mean(1).abs() < 5 / math.sqrt(groups)).all()
+    assert ((lanes.std(1) - 1).abs() < 5 * math.sqrt(0.5 / groups) + 1e-3).all()
+    corr = torch.corrcoef(lanes)
+    off_diagonal = corr[~torch.eye(4, dtype=torch.bool)]
+    assert off_diagonal.abs().max().item() < 5 / math.sqrt(groups)
+    # Radius and angle of each Box-Muller pair: z0^2 + z1^2 is chi^2 with 2 degrees of freedom (mean 2),
+    # independent of the other pair's.
+    r01, r23 = lanes[0] ** 2 + lanes[1] ** 2, lanes[2] ** 2 + lanes[3] ** 2
+    assert abs(r01.mean().item() - 2) < 5 * 2 / math.sqrt(groups)
+    assert abs(torch.corrcoef(torch.stack([r01, r23]))[0, 1].item()) < 5 / math.sqrt(groups)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -277,9 +318,9 @@ def test_explicit_noise_consumes_no_randomness():
         assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_philox_normal_reference_offsets_above_2_32():
-    """The offset's high word feeds counter word 1: offsets 2^32 apart differ."""
-    offsets = torch.tensor([5, 5 + 2**32, 5 + 2**40], dtype=torch.int64)
+def test_philox_normal_reference_offsets_above_2_34():
+    """The group's high word feeds counter word 1: offsets 2^34 apart (groups 2^32 apart) differ."""
+    offsets = torch.tensor([5, 5 + 2**34, 5 + 2**40], dtype=torch.int64)
     z = philox_normal_reference(torch.tensor(9, dtype=torch.int64), offsets)
     assert len(set(z.tolist())) == 3
     assert torch.equal(z, philox_normal_reference(9, offsets))
