@@ -37,7 +37,7 @@ def test_triton_kernels_compile_ahead_of_time_without_spills():
     proc = subprocess.run([sys.executable, "-m", "d2v2_kernels.ops.aot", "--check"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for op in ("gather", "decoder_input", "ema"):
+    for op in ("gather", "decoder_input", "ema", "targets", "loss"):
         if os.path.exists(os.path.join(ROOT, "d2v2_kernels", "ops", f"{op}.py")):
             assert f"\n{op} " in proc.stdout, f"no AOT rows for {op}:\n{proc.stdout}"
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
