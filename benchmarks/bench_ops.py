@@ -170,6 +170,97 @@ def decoder_input_cases(dev, dtype, quick):
         )
 
 
+def targets_eager(layers, final_layer_norm):
+    """The reference implementation's make_targets: instance norm per layer (through transposes),
+    sequential sum, division by K, optional final layer norm over channels."""
+    import torch.nn.functional as F
+
+    y = None
+    for t in layers:
+        t = F.instance_norm(t.float().transpose(1, 2), eps=1e-5).transpose(1, 2)
+        y = t if y is None else y.add_(t)
+    y = y.div_(len(layers))
+    return F.layer_norm(y, y.shape[-1:], eps=1e-5) if final_layer_norm else y
+
+
+def targets_cases(dev, dtype, quick):
+    shapes = {  # name: (K, B, T, C, final)
+        "image ViT-B IN>avg>LN (K10 B16 T196 C768)": (10, 16, 196, 768, "layer"),
+        "audio base IN>avg (K8 B4 T999 C768)": (8, 4, 999, 768, None),
+        "text base IN>avg (K12 B8 T512 C768)": (12, 8, 512, 768, None),
+    }
+    if quick:
+        shapes = {"image small IN>avg>LN (K4 B4 T196 C192)": (4, 4, 196, 192, "layer")}
+    for label, (K, B, T, C, final) in shapes.items():
+        e = torch.tensor([], dtype=dtype).element_size()
+        buf = torch.randn(K, B, T, C, device=dev, dtype=dtype)
+        layers = list(buf.unbind(0))
+        compiled = torch.compile(targets_eager)
+        final_ln = final == "layer"
+        n = B * T * C
+        yield Case(
+            "layer_average_targets", label,
+            fused=lambda: dk.layer_average_targets(buf, layer_norm="instance", final_norm=final),
+            eager=lambda: targets_eager(layers, final_ln),
+            eager_fn_for_compile=targets_eager,
+            compiled_runner=lambda: compiled(layers, final_ln),
+            # a statistics pass and a normalise-average pass over the K layers, one fp32 write
+            fused_bytes=2 * K * n * e + n * 4,
+            eager_bytes=[
+                ("float() copy per layer", K * n * (e + 4) if e != 4 else 0),
+                ("instance_norm per layer (stats + normalise)", K * n * 3 * 4),
+                ("add_ per layer", (K - 1) * n * 3 * 4),
+                ("div_", 2 * n * 4),
+            ] + ([("layer_norm", 3 * n * 4)] if final_ln else []),
+        )
+
+
+def loss_eager(pred, target, mask, clones):
+    """The reference implementation's regression loss: repeat the targets for the clones, boolean-index
+    both sides, MSE summed over channels and scaled by 1/sqrt(C), mean over masked tokens."""
+    import torch.nn.functional as F
+
+    y = target.repeat_interleave(clones, 0)[mask]
+    p = pred[mask]
+    loss = F.mse_loss(p.float(), y.float(), reduction="none").sum(-1) / p.shape[-1] ** 0.5
+    return loss.mean()
+
+
+def loss_cases(dev, dtype, quick):
+    shapes = {  # name: (B, clones, T, C, masked per row)
+        "image ViT-B (B16 M16 T196 C768, 157 masked)": (16, 16, 196, 768, 157),
+        "audio base (B4 M8 T999 C768, 500 masked)": (4, 8, 999, 768, 500),
+        "text base (B8 M8 T512 C768, 246 masked)": (8, 8, 512, 768, 246),
+    }
+    if quick:
+        shapes = {"image small (B4 M8 T196 C192, 157 masked)": (4, 8, 196, 192, 157)}
+    for label, (B, M, T, C, masked) in shapes.items():
+        e = torch.tensor([], dtype=dtype).element_size()
+        N = B * M
+        pred = torch.randn(N, T, C, device=dev, dtype=dtype, requires_grad=True)
+        target = torch.randn(B, T, C, device=dev)
+        mask = torch.zeros(N, T, dtype=torch.bool, device=dev)
+        mask.scatter_(1, torch.rand(N, T, device=dev).argsort(1)[:, :masked], True)
+        compiled = torch.compile(loss_eager)
+        Nm = N * masked
+        yield Case(
+            "masked_regression_loss", label,
+            fused=_fwd_bwd(lambda p: dk.masked_regression_loss(p, target, mask, clones=M), pred),
+            eager=_fwd_bwd(lambda p: loss_eager(p, target, mask, M), pred),
+            eager_fn_for_compile=loss_eager,
+            compiled_runner=_fwd_bwd(lambda p: compiled(p, target, mask, M), pred),
+            # read pred and the shared target once, write the full gradient once
+            fused_bytes=N * T * C * 2 * e + B * T * C * 4 + N * T,
+            eager_bytes=[
+                ("repeat_interleave (target)", (B * T * C + N * T * C) * 4),
+                ("boolean index (target, pred)", N * T * C * (4 + e) + Nm * C * (4 + e)),
+                ("mse_loss + sum(-1)", Nm * C * 3 * 4),
+                ("mse backward", Nm * C * 3 * 4),
+                ("zeros + index_put (pred grad)", N * T * C * e + Nm * C * e),
+            ],
+        )
+
+
 def vit_b_param_shapes():
     """The parameter list of a ViT-B/16 encoder (86M parameters), as the EMA teacher sees it."""
     C, H = 768, 3072
@@ -216,7 +307,13 @@ def ema_cases(dev, dtype, quick):
     )
 
 
-CASES = {"gather_visible": gather_cases, "decoder_input": decoder_input_cases, "ema_update_": ema_cases}
+CASES = {
+    "gather_visible": gather_cases,
+    "decoder_input": decoder_input_cases,
+    "ema_update_": ema_cases,
+    "layer_average_targets": targets_cases,
+    "masked_regression_loss": loss_cases,
+}
 
 
 # --- report ----------------------------------------------------------------------------------------

@@ -9,32 +9,6 @@ namespace {
 
 using namespace d2v2::binding;
 
-// Whether a and b send every index to the same element offset (strides of size-1 dims never matter).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
-
-// A pair the kernel can update as flat memory: a dense teacher and a student laid out exactly like it.
-// A dense teacher of any layout is updated where it lies and only a differently laid-out student is
-// copied; a teacher with gaps (a strided view) is updated through a contiguous copy, copied back after.
-struct FlatPair {
-  at::Tensor teacher;
-  at::Tensor student;
-  bool copy_back;
-};
-
-FlatPair flat_pair(const at::Tensor& teacher, const at::Tensor& student) {
-  if (teacher.is_non_overlapping_and_dense()) {
-    if (same_layout(teacher, student)) return {teacher, student, false};
-    at::Tensor s = at::empty_strided(teacher.sizes(), teacher.strides(), student.options());
-    s.copy_(student);
-    return {teacher, s, false};
-  }
-  return {teacher.contiguous(), student.contiguous(), true};
-}
-
 void ema_update_(std::vector<at::Tensor> teacher, std::vector<at::Tensor> student, const at::Tensor& decay) {
   TORCH_CHECK(teacher.size() == student.size(), "ema_update_(cuda): ", teacher.size(), " teacher tensors but ",
               student.size(), " student tensors");
