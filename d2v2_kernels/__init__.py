@@ -8,16 +8,22 @@ from .backends import available_backends, build_info, get_backend, set_backend, 
 from .ops.gather import gather_visible
 from .ops.decoder_input import decoder_input
 from .ops.ema import ema_update_
+from .ops.targets import TargetLayerBuffer, layer_average_targets
+from .ops.loss import cls_regression_loss, masked_regression_loss
 from .nn import EMATeacher
 
 __all__ = [
     "EMATeacher",
+    "TargetLayerBuffer",
     "available_backends",
     "build_info",
+    "cls_regression_loss",
     "decoder_input",
     "ema_update_",
     "gather_visible",
     "get_backend",
+    "layer_average_targets",
+    "masked_regression_loss",
     "set_backend",
     "use_backend",
 ]

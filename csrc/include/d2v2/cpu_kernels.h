@@ -80,3 +80,59 @@ void ema_update(const EmaTensor* tensors, const EmaChunk* chunks, int64_t num_ch
 
 }  // namespace cpu
 }  // namespace d2v2
+
+namespace d2v2 {
+namespace cpu {
+
+// masked_regression_loss (loss.h has the per-element math). pred: [N, T, C] with rows contiguous in C
+// (element strides ps_n, ps_t); target: [N / clones, T, C], rows contiguous in C, clone row n reads
+// target[n / clones]; mask: [N, T] bytes (0 / 1, element strides ms_n, ms_t), nonzero = counted.
+// P is the pred (and grad) type, Tg the target type (float/bf16/f16, or double with double pred).
+
+// Forward: token (n, t) counted -> scale * sum_c l(pred - target), else 0, in acc_type<P>.
+// token_loss: [N, T] contiguous, written when non-null ("none"). row_sum[n] (fp64) and row_count[n]
+// receive the sum of the row's token losses and its counted tokens, for a fixed-order reduction.
+// grad: when non-null, [N, T, C] contiguous, written as grad_coef * l'(pred - target) at counted
+// tokens and 0 elsewhere (the gradient computed in the same pass).
+template <typename P, typename Tg>
+void masked_regression_loss_forward(const P* pred, int64_t ps_n, int64_t ps_t, const Tg* target, int64_t ts_b,
+                                    int64_t ts_t, const uint8_t* mask, int64_t ms_n, int64_t ms_t, int64_t N,
+                                    int64_t T_len, int64_t C, int64_t clones, double scale, double beta,
+                                    typename acc_type<P>::type* token_loss, double* row_sum, int64_t* row_count,
+                                    P* grad, double grad_coef);
+
+// Backward: grad[n, t, :] = g_out[n * gs_n + t * gs_t] * coef * l'(pred - target) at counted tokens, 0
+// elsewhere: every element of the [N, T, C] contiguous grad is written (no separate zero fill).
+// A scalar incoming gradient is g_out with gs_n = gs_t = 0; coef folds in scale (and 1 / count for "mean").
+template <typename P, typename Tg>
+void masked_regression_loss_backward(const P* pred, int64_t ps_n, int64_t ps_t, const Tg* target, int64_t ts_b,
+                                     int64_t ts_t, const uint8_t* mask, int64_t ms_n, int64_t ms_t,
+                                     const typename acc_type<P>::type* g_out, int64_t gs_n, int64_t gs_t,
+                                     double coef, int64_t N, int64_t T_len, int64_t C, int64_t clones, double beta,
+                                     P* grad);
+
+// Sum of the N row partials in row order (independent of the thread count); *count gets the counted tokens.
+double reduce_row_partials(const double* row_sum, const int64_t* row_count, int64_t N, int64_t* count);
+
+}  // namespace cpu
+}  // namespace d2v2
+
+#include "d2v2/targets.h"
+
+namespace d2v2 {
+namespace cpu {
+
+// layer_average_targets: out[b, t, :] = final_norm(mean over k of layer_norm(layers[k])[b, t, :]).
+// layers[k] points at layer k's element (0, 0, 0); (strides[2k], strides[2k + 1]) are its element
+// strides over (b, t); channels are contiguous. The layers need not share a buffer or strides (a list
+// of K tensors is read where it lies, never stacked). padding: [B, T] contiguous, true = padded, or
+// nullptr: padded steps take no part in any statistic and are 0 in out. out: [B, T, C] contiguous, in
+// the accumulator type (fp32; fp64 for fp64 layers). Instance statistics per (k, b, channel) over the
+// valid steps, layer statistics per (k, b, t) over channels; biased variance, no affine, eps.
+template <typename T>
+void layer_average_targets(const T* const* layers, const int64_t* strides, const bool* padding,
+                           target_acc_t<T>* out, int64_t K, int64_t B, int64_t T_len, int64_t C,
+                           TargetNorm layer_norm, TargetNorm final_norm, double eps);
+
+}  // namespace cpu
+}  // namespace d2v2
