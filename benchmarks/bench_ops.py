@@ -249,8 +249,8 @@ def loss_cases(dev, dtype, quick):
             eager=_fwd_bwd(lambda p: loss_eager(p, target, mask, M), pred),
             eager_fn_for_compile=loss_eager,
             compiled_runner=_fwd_bwd(lambda p: compiled(p, target, mask, M), pred),
-            # read pred and the shared target once, write the full gradient once
-            fused_bytes=N * T * C * 2 * e + B * T * C * 4 + N * T,
+            # read the masked pred rows and the shared target once, write the full gradient once
+            fused_bytes=(Nm * C + N * T * C) * e + B * T * C * 4 + N * T,
             eager_bytes=[
                 ("repeat_interleave (target)", (B * T * C + N * T * C) * 4),
                 ("boolean index (target, pred)", N * T * C * (4 + e) + Nm * C * (4 + e)),
