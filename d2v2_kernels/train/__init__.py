@@ -1,0 +1,1 @@
+"""The trainer: config presets, checkpoints, the training loop."""
