@@ -1,6 +1,8 @@
 """d2v2-kernels: fused ops and a slim trainer for data2vec 2.0.
 
-Ops (see shared/spec/ops.md for the contract): gather_visible, decoder_input, ema_update_.
+Ops (see shared/spec/ops.md for the contract): gather_visible, decoder_input, ema_update_,
+layer_average_targets, masked_regression_loss / cls_regression_loss, conv_decoder_block.
+Modules: EMATeacher, TargetLayerBuffer, ConvDecoder1d / ConvDecoder2d.
 Backends: set_backend / use_backend / D2V2_BACKEND, available_backends(), build_info().
 """
 
@@ -10,14 +12,18 @@ from .ops.decoder_input import decoder_input
 from .ops.ema import ema_update_
 from .ops.targets import TargetLayerBuffer, layer_average_targets
 from .ops.loss import cls_regression_loss, masked_regression_loss
-from .nn import EMATeacher
+from .ops.conv_decoder import conv_decoder_block
+from .nn import ConvDecoder1d, ConvDecoder2d, EMATeacher
 
 __all__ = [
+    "ConvDecoder1d",
+    "ConvDecoder2d",
     "EMATeacher",
     "TargetLayerBuffer",
     "available_backends",
     "build_info",
     "cls_regression_loss",
+    "conv_decoder_block",
     "decoder_input",
     "ema_update_",
     "gather_visible",

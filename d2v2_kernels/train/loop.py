@@ -69,15 +69,10 @@ def lr_at(cfg: TrainConfig, progress: float, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, 1-D parameters (norms, scales) and tokens/positions."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos" in name
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(cfg: TrainConfig, method: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the method's parameter groups (the reference's: no weight decay on biases and 1-D
+    parameters); fused on GPU, foreach on CPU."""
+    groups = method.param_groups(cfg.weight_decay)
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **kind)
 
@@ -132,11 +127,14 @@ def _check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
         raise TrainingError(f"cannot resume: the config differs from the checkpoint's in {diff}")
 
 
-def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None, eval_every_s: float = 0.0) -> dict:
+def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None, eval_every_s: float = 0.0,
+          stop_after_steps: int | None = None) -> dict:
     """Train `build_method(cfg)` under `cfg`; returns a summary (steps, losses, wall time, images/s).
 
     on_eval(method, step, train_seconds) is called on rank 0 every `eval_every_s` seconds of training time
-    (evaluation time is not counted as training time) and at the end.
+    (evaluation time is not counted as training time) and at the end. stop_after_steps: leave the loop
+    after that many steps of this invocation without the final checkpoint, as a killed run would (for
+    preemption drills and the resume tests).
     """
     rank, world, device = init_distributed()
     is_main = rank == 0
@@ -174,6 +172,7 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
             metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
             _truncate_metrics(metrics_path, step)
 
+        start_len = len(history)
         model = nn.parallel.DistributedDataParallel(method) if world > 1 else method
         use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
         progress = Progress(total_steps, cfg.progress and is_main, cfg.log_every)
@@ -242,6 +241,8 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
                     next_eval = (train_seconds // eval_every_s + 1) * eval_every_s
             if cfg.save_every > 0 and step % cfg.save_every == 0:
                 checkpoint()
+            if stop_after_steps is not None and len(history) - start_len >= stop_after_steps:
+                return {"steps": step, "losses": history, "train_seconds": train_seconds, "stopped": True}
         checkpoint()
         if is_main and on_eval is not None:
             method.eval()
