@@ -21,3 +21,7 @@ __all__ = [
     "random_mask",
     "sincos_pos_embed_2d",
 ]
+
+from .mae import MAE, MAEConfig  # noqa: E402  (issue 6: the MAE baseline)
+
+__all__ += ["MAE", "MAEConfig"]

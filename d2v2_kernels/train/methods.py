@@ -88,3 +88,59 @@ def build_method(cfg: TrainConfig) -> nn.Module:
     if cfg.method not in METHODS:
         raise ValueError(f"method {cfg.method!r} is not available (have {sorted(METHODS)})")
     return METHODS[cfg.method](cfg)
+
+
+class MAEMethod(nn.Module):
+    """MAE (models/mae.py), the baseline: encoder depth = depth + prenet_depth (as many blocks as the
+    data2vec 2.0 encoder it is compared with), the mae_* decoder, random masking at mae_mask_ratio. The
+    objective per rank is the mean loss over its masked patches; every rank has the same masked count,
+    so DDP's gradient average equals the single-process objective of the global batch."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        from ..models.mae import MAE, MAEConfig
+
+        self.model = MAE(MAEConfig(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+            depth=cfg.depth + cfg.prenet_depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+            decoder_dim=cfg.mae_decoder_dim, decoder_depth=cfg.mae_decoder_depth,
+            decoder_heads=cfg.mae_decoder_heads, mask_ratio=cfg.mae_mask_ratio, norm_pix_loss=cfg.mae_norm_pix_loss,
+        ))
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """No weight decay on biases, 1-D parameters (LayerNorms) and the CLS / mask tokens. (The
+        reference's timm add_weight_decay without a skip list decays the two tokens.)"""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.dim() == 1 or name.endswith(".bias") or name in ("cls_token", "mask_token")
+            (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def make_masks(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        ids_keep, ids_restore, _ = self.model.random_masking(batch, generator=generator)
+        return {"ids_keep": ids_keep, "ids_restore": ids_restore}
+
+    def forward(self, images: Tensor, ids_keep: Tensor, ids_restore: Tensor):
+        loss, _, mask = self.model(images, ids_keep=ids_keep, ids_restore=ids_restore)
+        logs = {"mae": loss.detach(), "masked_pct": torch.tensor(1.0 - ids_keep.shape[1] / mask.shape[1])}
+        return loss, logs
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def checkpoint_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {"student": _tensors_only(self.model.state_dict())}
+
+    def load_checkpoint_tensors(self, groups: dict[str, dict[str, Tensor]]) -> None:
+        self.model.load_state_dict(groups["student"], strict=True)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> dict[str, Tensor]:
+        """Frozen features for evaluation: mean-pooled patch tokens and the CLS token, after the final norm."""
+        x = self.model.extract_features(images)
+        return {"mean": x[:, 1:].mean(1), "cls": x[:, 0]}
+
+
+METHODS["mae"] = MAEMethod
