@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 import d2v2_kernels as dk
 
@@ -173,8 +175,6 @@ def decoder_input_cases(dev, dtype, quick):
 def targets_eager(layers, final_layer_norm):
     """The reference implementation's make_targets: instance norm per layer (through transposes),
     sequential sum, division by K, optional final layer norm over channels."""
-    import torch.nn.functional as F
-
     y = None
     for t in layers:
         t = F.instance_norm(t.float().transpose(1, 2), eps=1e-5).transpose(1, 2)
@@ -218,8 +218,6 @@ def targets_cases(dev, dtype, quick):
 def loss_eager(pred, target, mask, clones):
     """The reference implementation's regression loss: repeat the targets for the clones, boolean-index
     both sides, MSE summed over channels and scaled by 1/sqrt(C), mean over masked tokens."""
-    import torch.nn.functional as F
-
     y = target.repeat_interleave(clones, 0)[mask]
     p = pred[mask]
     loss = F.mse_loss(p.float(), y.float(), reduction="none").sum(-1) / p.shape[-1] ** 0.5
@@ -307,12 +305,51 @@ def ema_cases(dev, dtype, quick):
     )
 
 
+def conv_block_eager(x_cf, weight, bias, groups):
+    """The reference decoder layer as it runs it, channels-first: Conv -> TransposeLast -> LayerNorm (no
+    affine) -> TransposeLast -> GELU -> + residual."""
+    y = (F.conv1d if x_cf.dim() == 3 else F.conv2d)(x_cf, weight, bias, padding=weight.shape[-1] // 2, groups=groups)
+    y = F.layer_norm(y.transpose(1, -1), (y.shape[1],)).transpose(1, -1)
+    return F.gelu(y) + x_cf
+
+
+def conv_decoder_cases(dev, dtype, quick):
+    shapes = {  # name: (N, spatial, C, k, groups); N = B * M rows, cut down for a 2-core CPU
+        "images base (N32 14x14 C768 k3 g16)": (32, (14, 14), 768, 3, 16),
+        "audio base (N16 T499 C384 k7 g16)": (16, (499,), 384, 7, 16),
+        "text base (N2 T512 C768 k9 g1)": (2, (512,), 768, 9, 1),
+    }
+    if quick:
+        shapes = {"images small (N8 14x14 C192 k3 g16)": (8, (14, 14), 192, 3, 16)}
+    for label, (N, spatial, C, k, groups) in shapes.items():
+        e = torch.tensor([], dtype=dtype).element_size()
+        x = torch.randn(N, *spatial, C, device=dev, dtype=dtype, requires_grad=True)
+        x_cf = x.detach().movedim(-1, 1).contiguous().requires_grad_(True)  # the reference keeps activations NCHW
+        w = (torch.randn(C, C // groups, *([k] * len(spatial)), device=dev, dtype=dtype) * 0.05).requires_grad_(True)
+        b = torch.zeros(C, device=dev, dtype=dtype, requires_grad=True)
+        compiled = torch.compile(conv_block_eager)
+        A = N * math.prod(spatial) * C * e  # one activation tensor
+        yield Case(
+            "conv_decoder_block", label,
+            fused=_fwd_bwd(lambda x_, w_, b_: dk.conv_decoder_block(x_, w_, b_, groups=groups), x, w, b),
+            eager=_fwd_bwd(lambda x_, w_, b_: conv_block_eager(x_, w_, b_, groups), x_cf, w, b),
+            eager_fn_for_compile=conv_block_eager,
+            compiled_runner=_fwd_bwd(lambda x_, w_, b_: compiled(x_, w_, b_, groups), x_cf, w, b),
+            # forward: conv reads x, writes z; the epilogue reads z (+ x) and writes out. Backward: the
+            # epilogue reads grad, z, writes grad_z; the conv backward reads grad_z twice and x, writes dx.
+            fused_bytes=11 * A,
+            eager_bytes=[("conv", 2 * A), ("transpose + layer_norm", 3 * A), ("gelu", 2 * A), ("add", 3 * A),
+                         ("backward (add, gelu, layer_norm, transposes)", 9 * A), ("conv backward", 4 * A)],
+        )
+
+
 CASES = {
     "gather_visible": gather_cases,
     "decoder_input": decoder_input_cases,
     "ema_update_": ema_cases,
     "layer_average_targets": targets_cases,
     "masked_regression_loss": loss_cases,
+    "conv_decoder_block": conv_decoder_cases,
 }
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-OP_MODULES = ("gather", "decoder_input", "ema", "targets", "loss")
+OP_MODULES = ("gather", "decoder_input", "ema", "targets", "loss", "conv_decoder")
 ARCHS = (80, 90)
 
 

@@ -136,3 +136,33 @@ void layer_average_targets(const T* const* layers, const int64_t* strides, const
 
 }  // namespace cpu
 }  // namespace d2v2
+
+#include "d2v2/conv_decoder.h"
+
+namespace d2v2 {
+namespace cpu {
+
+// conv_decoder_block epilogue (conv_decoder.h has the math), per row of C channels of the channels-last
+// conv output z: M rows, contiguous in C, z_stride elements apart. bias: [C] contiguous or nullptr.
+// Accumulator Acc = conv_decoder_acc_t<T> (fp32; fp64 for fp64 data).
+
+// Forward: out = gelu(layer_norm(z + bias)) (+ residual), out [M, C] contiguous, written once; residual
+// rows contiguous in C (r_stride apart) or nullptr. mean / rstd: [M] contiguous, the row statistics
+// for the backward. One pass over z (and residual) from memory; the row is reread from L1.
+template <typename T>
+void conv_decoder_epilogue_forward(const T* z, int64_t z_stride, const T* bias, const T* residual, int64_t r_stride,
+                                   T* out, conv_decoder_acc_t<T>* mean, conv_decoder_acc_t<T>* rstd, int64_t M,
+                                   int64_t C, double eps);
+
+// Backward: grad_z [M, C] contiguous = d out / d (z + bias) applied to grad_out (rows contiguous in C,
+// g_stride apart); the residual's gradient is the caller's. grad_bias: [C] contiguous or nullptr (not
+// computed): the sum over rows of grad_z (before its rounding to T), from fixed blocks of rows (a function
+// of M only) summed in row order, then over the blocks in block order in fp64, rounded to Acc once: the
+// same bits whatever the thread count, no atomics.
+template <typename T>
+void conv_decoder_epilogue_backward(const T* grad_out, int64_t g_stride, const T* z, int64_t z_stride, const T* bias,
+                                    const conv_decoder_acc_t<T>* mean, const conv_decoder_acc_t<T>* rstd, T* grad_z,
+                                    conv_decoder_acc_t<T>* grad_bias, int64_t M, int64_t C);
+
+}  // namespace cpu
+}  // namespace d2v2
