@@ -1,7 +1,8 @@
 """`d2v2` command line: `d2v2 info` (what was built, which backends each op can use here),
 `d2v2 aot [--check]` (ahead-of-time compile of the Triton kernels for sm_80/sm_90),
 `d2v2 parity GOLDEN_DIR [--backend B]` (the models against the reference implementation's golden data;
-exit status 1 when a tensor is out of tolerance)."""
+exit status 1 when a tensor is out of tolerance), `d2v2 train` (pretraining; see d2v2_kernels/train),
+`d2v2 eval RUN_DIR` (k-NN / few-shot / linear-probe accuracy of a run's checkpoint; see d2v2_kernels/eval.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,16 @@ def main(argv=None) -> int:
     parity.add_argument("golden_dir", help="the golden root (with image/ audio/ text/) or one modality's folder")
     parity.add_argument("--backend", default=None, choices=("auto", "reference", "cpu", "triton", "cuda"),
                         help="backend for every op (default: the one in force, e.g. D2V2_BACKEND)")
+    from d2v2_kernels.train import __main__ as train_cli
+
+    train = sub.add_parser("train", help="pretrain data2vec 2.0 (or MAE) on images", description=train_cli.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_cli.add_arguments(train)
+    from d2v2_kernels import eval as eval_cli
+
+    evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint on frozen features (k-NN, linear probe)",
+                              description=eval_cli.CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_cli.add_arguments(evaluate)
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -34,6 +45,10 @@ def main(argv=None) -> int:
         return aot_mod.run(args.check)
     if args.command == "parity":
         return _parity(args.golden_dir, args.backend)
+    if args.command == "train":
+        return train_cli.run(args)
+    if args.command == "eval":
+        return eval_cli.run(args)
     return 2
 
 
