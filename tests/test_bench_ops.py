@@ -18,7 +18,8 @@ def test_bench_ops_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "bench_ops_cpu_float32_quick.json").read_text())
     ops = {row["op"] for row in result["rows"]}
-    assert ops == {"gather_visible", "decoder_input", "ema_update_", "layer_average_targets", "masked_regression_loss"}
+    assert ops == {"gather_visible", "decoder_input", "ema_update_", "layer_average_targets", "masked_regression_loss",
+                   "conv_decoder_block"}
     for row in result["rows"]:
         assert row["fused_s"] > 0 and row["eager_s"] > 0 and row["fused_bytes"] > 0
     assert (tmp_path / "bench_ops_cpu_float32_quick.md").read_text().startswith("Measured on")
