@@ -7,7 +7,8 @@ of the repeats; the breakdown comes from torch.profiler (self CPU time per op, d
 
     python benchmarks/bench_step.py                        # fmnist-small (the calibration model), CPU
     python benchmarks/bench_step.py --preset fmnist-tiny --repeats 5
-    python benchmarks/bench_step.py --method mae           # once the MAE baseline exists
+    python benchmarks/bench_step.py --method mae
+    python benchmarks/bench_step.py amp=bf16               # bf16 autocast, as speed_vs_mae trains
 Writes benchmarks/results/bench_step_<preset>_<method>_<device>.{json,md}.
 """
 
@@ -36,6 +37,8 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 def make_step(method, optimizer, images, batch_size, seed=0):
     state = {"step": 0}
+    if hasattr(method, "set_full_logs"):
+        method.set_full_logs(False)  # as the trainer runs the steps it does not log
 
     def step():
         gen = torch.Generator().manual_seed(seed + state["step"])

@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import d2v2_kernels as dk  # noqa: E402
 from bench_step import breakdown, make_step  # noqa: E402
 from d2v2_kernels.data.images import load_fashion_mnist, to_float  # noqa: E402
-from d2v2_kernels.eval import extract_features, few_shot, knn_accuracy  # noqa: E402
+from d2v2_kernels.eval import extract_features, few_shot, knn_accuracy, raw_pixel_features  # noqa: E402
 from d2v2_kernels.train.config import make_config  # noqa: E402
 from d2v2_kernels.train.loop import make_optimizer, train  # noqa: E402
 from d2v2_kernels.train.methods import build_method  # noqa: E402
@@ -58,11 +58,11 @@ RECIPES = {
                   "decoder_layers=3", "decoder_groups=16", "ema_decay=0.99", "ema_end_decay=0.999",
                   "ema_anneal_end_step=1000", "cls_loss_rows=256", "clip_grad=4"],
 }
-RUNS = (  # (name, recipe, backend)
-    ("MAE", "mae", "auto"),
-    ("data2vec 2.0 (fused ops)", "data2vec2", "auto"),
-    ("data2vec 2.0 (reference ops)", "data2vec2", "reference"),
-)
+RUNS = {  # id: (name, recipe, backend)
+    "mae": ("MAE", "mae", "auto"),
+    "d2v2": ("data2vec 2.0 (fused ops)", "data2vec2", "auto"),
+    "d2v2-reference": ("data2vec 2.0 (reference ops)", "data2vec2", "reference"),
+}
 COLORS = {"MAE": (31, 119, 180), "data2vec 2.0 (fused ops)": (214, 39, 40),
           "data2vec 2.0 (reference ops)": (150, 150, 150)}
 
@@ -81,7 +81,7 @@ def time_to_reach(points: list[dict], level: float) -> float | None:
 
 
 def headline(curves: dict[str, list[dict]]) -> dict:
-    mae, d2v = curves["MAE"], curves["data2vec 2.0 (fused ops)"]
+    mae, d2v = curves.get("MAE"), curves.get("data2vec 2.0 (fused ops)")
     if not mae or not d2v:
         return {"ratio_time_to_mae_accuracy": None, "reason": "a method has no evaluation point"}
     target, mae_time = mae[-1]["accuracy"], mae[-1]["wall_seconds"]
@@ -113,6 +113,16 @@ class Evaluator:
         t0 = time.perf_counter()
         ftr = extract_features(method.encode, self.train_x, device=self.device)["mean"]
         fte = extract_features(method.encode, self.test_x, device=self.device)["mean"]
+        return self.score(ftr, fte, t0)
+
+    def raw_pixels(self) -> dict[str, float]:
+        """The same protocol on centred raw pixels: the floor a pretrained encoder has to beat."""
+        t0 = time.perf_counter()
+        center = raw_pixel_features(self.train_x)["pixels"].mean(0)
+        return self.score(raw_pixel_features(self.train_x, center)["pixels"],
+                          raw_pixel_features(self.test_x, center)["pixels"], t0)
+
+    def score(self, ftr, fte, t0) -> dict[str, float]:
         knn = knn_accuracy(ftr, self.train_y, fte, self.test_y, k=20, temperature=0.07)
         shot, _ = few_shot(ftr, self.train_y, fte, self.test_y, shots=10, seeds=(0, 1, 2), protocol="knn")
         return {"knn": knn, "fewshot10_knn": shot, "eval_seconds": time.perf_counter() - t0}
@@ -145,7 +155,13 @@ def step_profile(recipe, backend, args, device) -> dict:
     method = build_method(cfg).to(device)
     opt = make_optimizer(cfg, method, device)
     raw, _ = load_fashion_mnist("train", cfg.data_dir)
-    step = make_step(method, opt, to_float(raw[: cfg.batch_size]).to(device), cfg.batch_size)
+    train_step = make_step(method, opt, to_float(raw[: cfg.batch_size]).to(device), cfg.batch_size)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+
+    def step():  # the same autocast as the training runs
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            train_step()
+
     with dk.use_backend(backend):
         step(), step()
         times = []
@@ -167,7 +183,8 @@ def main() -> int:
     parser.add_argument("--eval-test", type=int, default=2000, help="k-NN queries: test images (of 10k)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--quick", action="store_true", help="~3 minutes: pipeline smoke test, no accuracy claim")
-    parser.add_argument("--skip-reference", action="store_true", help="skip data2vec 2.0 with reference ops")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
+                        help="which runs (the headline needs mae and d2v2)")
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides for every run")
@@ -178,8 +195,11 @@ def main() -> int:
         args.budget_min, args.evals, args.eval_train, args.eval_test = 0.3, 1, 2000, 1000
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = [r for r in RUNS if not (args.skip_reference and r[2] == "reference")]
+    runs = [RUNS[r] for r in args.runs]
     evaluator = Evaluator(args.eval_train, args.eval_test, None, device)
+    floor = evaluator.raw_pixels()
+    print(f"raw-pixel floor on this evaluation subset: k-NN {floor['knn']:.2f}%, 10-shot {floor['fewshot10_knn']:.2f}%",
+          file=sys.stderr)
     started = time.perf_counter()
 
     per_seed = []
@@ -203,7 +223,8 @@ def main() -> int:
                    f"{'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",
         "quick": args.quick, "budget_minutes_per_run": args.budget_min, "seeds": args.seeds,
         "eval": {"protocol": "k-NN k=20 cosine T=0.07 on mean-pooled features; 10-shot k-NN over 3 draws",
-                 "train_images": args.eval_train, "test_images": args.eval_test},
+                 "train_images": args.eval_train, "test_images": args.eval_test,
+                 "raw_pixel_floor": {"knn": round(floor["knn"], 3), "fewshot10_knn": round(floor["fewshot10_knn"], 3)}},
         "ratio_time_to_mae_accuracy": statistics.mean(finite) if len(finite) == len(ratios) else None,
         "ratio_per_seed": ratios,
         "reason": None if len(finite) == len(ratios) else "; ".join(s["reason"] for s in per_seed if s["reason"]),
@@ -223,6 +244,7 @@ def main() -> int:
                "color": COLORS[n], "marker": True, "dashed": "reference" in n} for n, m in first["methods"].items()]
     hl = [{"y": first["mae_final_accuracy"], "label": "MAE final", "color": COLORS["MAE"]}] if first.get(
         "mae_final_accuracy") is not None else []
+    hl.append({"y": floor["knn"], "label": "raw pixels", "color": (0, 0, 0)})
     line_plot_png(os.path.join(args.out, "accuracy_vs_time.png"), series, hlines=hl,
                   title=f"Fashion-MNIST k-NN accuracy vs training time (seed {first['seed']})",
                   x_label="training minutes", y_label="k-NN top-1 %")
@@ -233,6 +255,7 @@ def main() -> int:
             end = m["points"][-1] if m["points"] else {"accuracy": math.nan, "fewshot10_knn": math.nan}
             lines.append(f"| {s['seed']} | {name} | {m['steps']} | {m['images_per_s']:.0f} | {end['accuracy']:.2f} | "
                          f"{end['fewshot10_knn']:.2f} |")
+    lines.append(f"| | raw pixels (no training) | | | {floor['knn']:.2f} | {floor['fewshot10_knn']:.2f} |")
     print("\n" + "\n".join(lines))
     for s in per_seed:
         if s["ratio_time_to_mae_accuracy"] is not None:

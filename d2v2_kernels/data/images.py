@@ -114,12 +114,16 @@ class Augment:
             u = torch.rand(total, generator=generator)
             return (u if rows is None else u[rows]).to(dev) * (hi - lo) + lo
 
-        area = uniform(*self.scale)
-        r = uniform(math.log(self.ratio[0]), math.log(self.ratio[1])).exp()
-        w = (area * r).sqrt().clamp(max=1.0)  # crop width / height as fractions of the image
-        h = (area / r).sqrt().clamp(max=1.0)
-        cx = uniform(-1, 1) * (1 - w)  # crop centre in [-1, 1] coordinates, crop inside the image
-        cy = uniform(-1, 1) * (1 - h)
+        if self.scale[0] >= 1.0:  # scale (1, 1): no crop at all (flips only), not a ratio-jittered full view
+            w = h = torch.ones(B, device=dev)
+            cx = cy = torch.zeros(B, device=dev)
+        else:
+            area = uniform(*self.scale)
+            r = uniform(math.log(self.ratio[0]), math.log(self.ratio[1])).exp()
+            w = (area * r).sqrt().clamp(max=1.0)  # crop width / height as fractions of the image
+            h = (area / r).sqrt().clamp(max=1.0)
+            cx = uniform(-1, 1) * (1 - w)  # crop centre in [-1, 1] coordinates, crop inside the image
+            cy = uniform(-1, 1) * (1 - h)
         sx = w * torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if self.flip else w
         theta = torch.zeros(B, 2, 3, device=x.device)
         theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy

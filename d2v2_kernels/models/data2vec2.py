@@ -223,7 +223,8 @@ class Data2Vec2Output:
     insertion order cls, regression); the objective is `loss / sample_size`: backward `loss` and divide
     the gradients by the (global) sample_size as fairseq does, or backward `loss / sample_size`.
     `logs` are 0-dim tensors (no host sync): target_var, pred_var (the reference's compute_var: mean
-    over channels of sqrt(unbiased var over masked tokens + 1e-6)), masked_pct and ema_decay."""
+    over channels of sqrt(unbiased var over masked tokens + 1e-6); only when `model.log_pred_var`),
+    masked_pct and ema_decay."""
 
     loss: Tensor
     losses: dict[str, Tensor]
@@ -307,6 +308,9 @@ class Data2Vec2Image(nn.Module):
             config = config.replace(**overrides)
         config.validate()
         self.config = cfg = config
+        # pred_var costs several passes over the whole decoder output (~10% of a small CPU step); a
+        # trainer turns it off on steps it does not log.
+        self.log_pred_var = True
         self.encoder = ImageEncoder(cfg)
         self.decoder = ConvDecoder2d(
             cfg.embed_dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel, cfg.decoder_groups,
@@ -505,10 +509,11 @@ class Data2Vec2Image(nn.Module):
             counts = mask.view(B, M, T).sum(1)
             logs = {
                 "target_var": _weighted_var(y, counts),
-                "pred_var": _weighted_var(pred.detach(), mask),
                 "masked_pct": torch.tensor(1.0 - K / T),
                 "ema_decay": torch.tensor(self.ema_decay),
             }
+            if self.log_pred_var:
+                logs["pred_var"] = _weighted_var(pred.detach(), mask)
         return Data2Vec2Output(loss=loss, losses=losses, sample_size=sample_size, pred=pred, targets=y,
                                mask=mask, cls_pred=cls_pred, logs=logs)
 

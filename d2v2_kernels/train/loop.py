@@ -4,6 +4,7 @@ A method is an nn.Module with
     make_masks(batch, generator) -> dict of tensors whose dim 0 is the sample (sliceable per rank)
     forward(images, **masks) -> (loss, logs): loss a scalar to minimise, logs a dict of scalar tensors
     after_step(step) -> None  (e.g. the EMA teacher update; may be a no-op)
+    set_full_logs(enabled) -> None, optional: costly diagnostics only on the steps that are logged
     checkpoint_tensors() -> {"student": state dict, ...}; load_checkpoint_tensors(groups)
     encode(images) -> [B, D] features for evaluation.
 
@@ -178,6 +179,7 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
         progress = Progress(total_steps, cfg.progress and is_main, cfg.log_every)
         rows_per_rank = cfg.batch_size // world
         next_eval = (train_seconds // eval_every_s + 1) * eval_every_s if eval_every_s > 0 else math.inf
+        evaluated_step = None  # the final evaluation is skipped when the last step was just evaluated
 
         def checkpoint():
             if not is_main:
@@ -203,6 +205,8 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
             progress_frac = (train_seconds / cfg.time_budget_s if cfg.time_budget_s > 0 else step / total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, progress_frac, step)
+            if hasattr(method, "set_full_logs"):
+                method.set_full_logs((step + 1) % cfg.log_every == 0 or step + 1 == total_steps)
             amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
             with amp:
                 loss, logs = model(x, **masks)
@@ -237,6 +241,7 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
                 if on_eval is not None and train_seconds >= next_eval:
                     method.eval()
                     on_eval(method, step, train_seconds)
+                    evaluated_step = step
                     method.train()
                     next_eval = (train_seconds // eval_every_s + 1) * eval_every_s
             if cfg.save_every > 0 and step % cfg.save_every == 0:
@@ -244,7 +249,7 @@ def train(cfg: TrainConfig, build_method, *, resume: bool = False, on_eval=None,
             if stop_after_steps is not None and len(history) - start_len >= stop_after_steps:
                 return {"steps": step, "losses": history, "train_seconds": train_seconds, "stopped": True}
         checkpoint()
-        if is_main and on_eval is not None:
+        if is_main and on_eval is not None and evaluated_step != step:
             method.eval()
             on_eval(method, step, train_seconds)
         return {"steps": step, "losses": history, "train_seconds": train_seconds,

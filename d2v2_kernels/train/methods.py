@@ -60,6 +60,10 @@ class Data2Vec2Method(nn.Module):
     def after_step(self, step: int) -> None:
         self.model.ema_step(step)
 
+    def set_full_logs(self, enabled: bool) -> None:
+        """Compute the costly diagnostics (pred_var) only on the steps the trainer logs."""
+        self.model.log_pred_var = enabled
+
     def checkpoint_tensors(self) -> dict[str, dict[str, Tensor]]:
         m = self.model
         student = {f"encoder.{k}": v for k, v in m.encoder.state_dict().items()}

@@ -146,3 +146,12 @@ def test_augment_sharded_rows_match_whole_batch():
         part = aug(x[r::2], torch.Generator().manual_seed(5), rows=slice(r, None, 2), total=8)
         torch.testing.assert_close(part, whole[r::2])
     assert whole.shape == x.shape and not torch.equal(whole, x)
+
+
+def test_augment_scale_one_is_flips_only():
+    x = torch.randn(16, 1, 28, 28)
+    out = Augment(28, scale=(1.0, 1.0))(x, torch.Generator().manual_seed(0))
+    flipped = x.flip(-1)
+    same = [torch.allclose(o, a, atol=1e-5) or torch.allclose(o, f, atol=1e-5) for o, a, f in zip(out, x, flipped)]
+    assert all(same)  # every image is itself or its mirror image: no crop, no aspect jitter
+    assert any(torch.allclose(o, f, atol=1e-5) for o, f in zip(out, flipped))
