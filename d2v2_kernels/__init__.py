@@ -4,6 +4,7 @@ Ops (see shared/spec/ops.md for the contract): gather_visible, decoder_input, em
 layer_average_targets, masked_regression_loss / cls_regression_loss, conv_decoder_block.
 Modules: EMATeacher, TargetLayerBuffer, ConvDecoder1d / ConvDecoder2d.
 Backends: set_backend / use_backend / D2V2_BACKEND, available_backends(), build_info().
+Pretrained: from_fairseq(path) (the authors' checkpoints, read safely), save_pretrained / from_pretrained.
 """
 
 from .backends import available_backends, build_info, get_backend, set_backend, use_backend
@@ -34,3 +35,14 @@ __all__ = [
     "use_backend",
 ]
 __version__ = "0.1.0"
+
+_PRETRAINED = ("from_fairseq", "from_pretrained", "save_pretrained")
+__all__ += list(_PRETRAINED)
+
+
+def __getattr__(name):  # imported on first use: the models are not needed to use the ops
+    if name in _PRETRAINED:
+        from . import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'd2v2_kernels' has no attribute {name!r}")

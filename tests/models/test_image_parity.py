@@ -78,8 +78,11 @@ def test_cli_parity(capsys):
     assert cli_main(["parity", str(GOLDEN), "--backend", "reference"]) == 0
     out = capsys.readouterr().out
     assert "loss.total" in out and "FAIL" not in out
-    assert "audio: not implemented yet (issue 7)" in out and "text: not implemented yet (issue 7)" in out
+    for modality in ("image", "audio", "text"):
+        assert f"{modality} (" in out
     assert cli_main(["parity", str(GOLDEN / "text")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("text (") and "FAIL" not in out
 
 
 @needs_golden

@@ -22,12 +22,12 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .backends import use_backend
-from .models.data2vec2 import Data2Vec2Image, Data2Vec2ImageConfig
-from .models.masking import mask_to_ids
-from .ops.targets import layer_average_targets
+from ..backends import use_backend
+from ..models.data2vec2 import Data2Vec2Image, Data2Vec2ImageConfig
+from ..models.masking import mask_to_ids
+from ..ops.targets import layer_average_targets
 
 __all__ = [
     "LoadReport",
@@ -213,18 +213,22 @@ def _fairseq_teacher(golden_dir: str) -> dict[str, Tensor] | None:
     return ckpt.get("model", {}).get("_ema")
 
 
-def image_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_teacher: bool = True
-                 ) -> tuple[list[ParityRow], LoadReport]:
+def image_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_teacher: bool = True,
+                 model: nn.Module | None = None) -> tuple[list[ParityRow], LoadReport]:
     """Every comparison against shared/golden/image (see the module docstring). `backend`: a
-    d2v2_kernels backend name for the whole run (None: the one in force)."""
+    d2v2_kernels backend name for the whole run (None: the one in force). `model`: run on this model instead of
+    one built from config.json and weights.safetensors (the same update-0 weights are expected)."""
     cfg_json, weights, gold = _load_golden(golden_dir)
     config = Data2Vec2ImageConfig.from_fairseq(cfg_json["cfg"])
     lr = float(cfg_json["golden"].get("sgd_lr", 0.1))
     grad_order = cfg_json["golden"]["meta"].get("grad_per_param_l2_norm_order")
     torch.manual_seed(0)
-    model = Data2Vec2Image(config)
-    teacher_sd = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
-    report = load_fairseq_image_weights(model, weights, teacher_sd)
+    if model is None:
+        model = Data2Vec2Image(config)
+        teacher_sd = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
+        report = load_fairseq_image_weights(model, weights, teacher_sd)
+    else:  # loaded elsewhere (from_fairseq, from_pretrained): it must hold the golden weights already
+        report = LoadReport(loaded=list(model.state_dict()))
     model.train()
 
     rows: list[ParityRow] = []
