@@ -592,8 +592,8 @@ class AudioEncoder(nn.Module):
             x = gather_visible(local, ids_keep, clones) + gather_visible(x_pos, ids_keep, 1)
             if pad is not None:  # the reference gathers the (cloned) padding mask like the tokens
                 key_pad = torch.gather(pad, 1, ids_keep.long())
-                # a row that kept only padded frames would have no key left (softmax of all -inf: NaN);
-                # its tokens are all padding, so let them attend to each other instead
+                # a row that kept only padded frames would have no key left (softmax of all -inf: NaN
+                # in some attention kernels); its tokens are all padding, so let them attend to each other
                 key_pad = key_pad & ~key_pad.all(1, keepdim=True)
         bias = None if self.alibi is None else self.alibi(T, ids_keep)
         if bias is not None and key_pad is not None:
@@ -660,14 +660,53 @@ class Data2Vec2Audio(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
-    def local_features(self, source: Tensor) -> Tensor:
-        """Waveforms [B, L] -> local features [B, T, D] (CNN + LayerNorm + Linear)."""
-        if source.dim() != 2:
-            raise ValueError(f"source: expected waveforms [B, L], got shape {tuple(source.shape)}")
+    def _check_source(self, source: Tensor) -> int:
+        """Validate waveforms [B, L]; returns T, the CNN's frames of L samples."""
+        if not isinstance(source, Tensor) or source.dim() != 2:
+            what = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
+            raise ValueError(f"source: expected waveforms [B, L], got shape {what}")
         T = self.config.num_frames(source.shape[1])
         if T < 1:
             raise ValueError(f"source: {source.shape[1]} samples are too short for the CNN (no frame)")
+        return T
+
+    def local_features(self, source: Tensor) -> Tensor:
+        """Waveforms [B, L] -> local features [B, T, D] (CNN + LayerNorm + Linear)."""
+        self._check_source(source)
         return self.project(self.feature_extractor(source))
+
+    def _check_padding(self, source: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validate waveforms [B, L] and their sample padding mask [B, L] (bool, True = padded, right
+        padding). Returns (source with its padded samples set to 0, frame padding mask [B, T]), or
+        (source, None) when no frame is padded: the unpadded path, exactly (a padded sample past every
+        frame's receptive field changes nothing)."""
+        T = self._check_source(source)
+        if padding_mask is None:
+            return source, None
+        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+            what = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+            raise ValueError(f"padding_mask: expected a bool tensor [B, L] over the waveform samples "
+                             f"(True = padded), got {what}")
+        if padding_mask.shape != source.shape or padding_mask.device != source.device:
+            raise ValueError(f"padding_mask: expected shape {tuple(source.shape)} on {source.device} (as source), "
+                             f"got {tuple(padding_mask.shape)} on {padding_mask.device}")
+        lengths = conv_output_lengths((~padding_mask).sum(-1), self.config.feature_encoder_spec)  # [B] frames
+        holes = padding_mask[:, :-1] & ~padding_mask[:, 1:]  # a valid sample after a padded one
+        # one host sync for every check
+        padded, not_right, shortest = torch.stack([padding_mask.any().long(), holes.any().long(),
+                                                   lengths.min()]).tolist()
+        if not padded:
+            return source, None
+        if not_right:
+            raise ValueError("padding_mask: expected right padding (True only after an utterance's last valid sample)")
+        if shortest < 1:
+            rows = (lengths < 1).nonzero().flatten().tolist()
+            raise ValueError(f"padding_mask: utterance(s) {rows} have no valid frame (too few non-padded samples "
+                             f"for the CNN)")
+        if shortest >= T:
+            return source, None
+        frames = torch.arange(T, device=source.device)[None] >= lengths[:, None]
+        return source.masked_fill(padding_mask, 0), frames
 
     def make_masks(self, batch_size: int, num_frames: int, *, generator: torch.Generator | None = None,
                    device=None) -> masking.MaskInfo:
@@ -681,7 +720,9 @@ class Data2Vec2Audio(nn.Module):
             mask = mask.to(device, non_blocking=True)
         return masking.make_mask_info(mask, cfg.len_keep(num_frames))
 
-    def _targets(self, local: Tensor) -> Tensor:
+    def _targets(self, local: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The teacher on the unmasked local features; its top-K FFN outputs -> targets [B, T, D] fp32.
+        padding_mask: [B, T] frames (True = padded) or None."""
         cfg = self.config
         first = cfg.depth - cfg.average_top_k_layers
         holder: list[TargetLayerBuffer] = []
@@ -693,37 +734,46 @@ class Data2Vec2Audio(nn.Module):
                 holder.append(self._buffer_for(cfg.average_top_k_layers, *t.shape, dtype=t.dtype, device=t.device))
             holder[0].slot(i - first).copy_(t)
 
-        self.teacher(local.detach(), layer_results=write)
-        return holder[0].targets(layer_norm=cfg.target_layer_norm, final_norm=cfg.target_final_norm)
+        self.teacher(local.detach(), layer_results=write, padding_mask=padding_mask)
+        return holder[0].targets(layer_norm=cfg.target_layer_norm, final_norm=cfg.target_final_norm,
+                                 padding_mask=padding_mask)
 
     @torch.no_grad()
-    def teacher_targets(self, source: Tensor) -> Tensor:
-        """The regression targets [B, T, D] (fp32) of the current teacher for waveforms [B, L]."""
-        return self._targets(self.local_features(source))
+    def teacher_targets(self, source: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The regression targets [B, T, D] (fp32) of the current teacher for waveforms [B, L]
+        (padding_mask: [B, L] samples, True = padded; padded frames' targets are 0)."""
+        source, frame_pad = self._check_padding(source, padding_mask)
+        return self._targets(self.local_features(source), frame_pad)
 
-    def extract_features(self, source: Tensor) -> Tensor:
-        """The student encoder on unmasked waveforms: [B, T, D], e.g. for fine-tuning or probes."""
-        return self.encoder(self.local_features(source))
+    def extract_features(self, source: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The student encoder on unmasked waveforms: [B, T, D], e.g. for fine-tuning or probes
+        (padding_mask: [B, L] samples, True = padded; frame_padding_mask gives the frames' one)."""
+        source, frame_pad = self._check_padding(source, padding_mask)
+        return self.encoder(self.local_features(source), padding_mask=frame_pad)
 
     def forward(
         self,
         source: Tensor,
         mask: Tensor | None = None,
         *,
+        padding_mask: Tensor | None = None,
         ids_keep: Tensor | None = None,
         ids_restore: Tensor | None = None,
         decoder_noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Data2Vec2Output:
-        """One data2vec 2.0 step's forward for waveforms `source` [B, L] (equal lengths).
+        """One data2vec 2.0 step's forward for waveforms `source` [B, L].
 
         mask: [B*M, T] over the CNN's T frames (bool or 0/1, True = masked, sample-major rows; every row
-        the same count, else a ValueError); None draws 1-D block masks (from `generator`). ids_keep /
-        ids_restore / decoder_noise: as `Data2Vec2Image.forward` (inject the reference's own to compare
-        per-token activations bitwise-close; defaults: a stable argsort of the mask, noise drawn
-        N(0, mask_noise_std^2)).
+        the same count, else a ValueError); None draws 1-D block masks (from `generator`), as without
+        padding. padding_mask: [B, L] bool over the samples, True = padded (right padding), None: none;
+        see the module docstring. ids_keep / ids_restore / decoder_noise: as `Data2Vec2Image.forward`
+        (inject the reference's own to compare per-token activations bitwise-close; defaults: a stable
+        argsort of the mask, noise drawn N(0, mask_noise_std^2)). `sample_size` counts the masked
+        frames that are not padding.
         """
         cfg = self.config
+        source, frame_pad = self._check_padding(source, padding_mask)  # frame_pad: [B, T] or None
         local = self.local_features(source)  # [B, T, D]
         B, T, D = local.shape
         M = cfg.clone_batch
@@ -744,10 +794,9 @@ class Data2Vec2Audio(nn.Module):
             raise ValueError(f"ids_keep / ids_restore: expected [{N}, K] / [{N}, {T}], got "
                              f"{tuple(ids_keep.shape)} / {tuple(ids_restore.shape)}")
         K = ids_keep.shape[1]
-        sample_size = N * (T - K)
 
         # student
-        x = self.encoder(local, mask, ids_keep, clones=M)  # [N, K, D]
+        x = self.encoder(local, mask, ids_keep, clones=M, padding_mask=frame_pad)  # [N, K, D]
         if cfg.decoder_input_dropout > 0:
             x = F.dropout(x, cfg.decoder_input_dropout, self.training)
 
@@ -764,19 +813,22 @@ class Data2Vec2Audio(nn.Module):
 
         # teacher targets, from the student's local features
         with torch.no_grad():
-            y = self._targets(local)  # [B, T, D] fp32
+            y = self._targets(local, frame_pad)  # [B, T, D] fp32, 0 at padded frames
 
-        losses = {"regression": masked_regression_loss(pred, y, mask, clones=M, scale=cfg.scale,
+        # loss over masked, non-padded frames
+        counted = mask if frame_pad is None else mask & ~frame_pad.repeat_interleave(M, 0)
+        sample_size = N * (T - K) if frame_pad is None else int(counted.sum())
+        losses = {"regression": masked_regression_loss(pred, y, counted, clones=M, scale=cfg.scale,
                                                        beta=cfg.loss_beta, reduction="sum")}
         loss = losses["regression"]
 
         with torch.no_grad():
             logs = {
-                "target_var": _weighted_var(y, mask.view(B, M, T).sum(1)),
+                "target_var": _weighted_var(y, counted.view(B, M, T).sum(1)),
                 "masked_pct": torch.tensor(1.0 - K / T),
                 "ema_decay": torch.tensor(self.ema_decay),
             }
             if self.log_pred_var:
-                logs["pred_var"] = _weighted_var(pred.detach(), mask)
+                logs["pred_var"] = _weighted_var(pred.detach(), counted)
         return Data2Vec2Output(loss=loss, losses=losses, sample_size=sample_size, pred=pred, targets=y,
                                mask=mask, cls_pred=None, logs=logs)
