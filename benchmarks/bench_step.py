@@ -9,7 +9,7 @@ of the repeats; the breakdown comes from torch.profiler (self CPU time per op, d
     python benchmarks/bench_step.py --preset fmnist-tiny --repeats 5
     python benchmarks/bench_step.py --method mae
     python benchmarks/bench_step.py amp=bf16               # bf16 autocast, as speed_vs_mae trains
-Writes benchmarks/results/bench_step_<preset>_<method>_<device>.{json,md}.
+Writes benchmarks/results/bench_step_<preset>_<method>_<device>[_bf16].{json,md}.
 """
 
 from __future__ import annotations
@@ -134,11 +134,12 @@ def main() -> int:
         "breakdown": {k: v["breakdown"] for k, v in variants.items()},
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench_step_{args.preset}_{args.method}_{device.type}")
+    amp = "_bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else ""
+    stem = os.path.join(args.out, f"bench_step_{args.preset}_{args.method}_{device.type}{amp}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     md = [f"Measured on {result['machine']}; {args.method} `{args.preset}` (batch {cfg.batch_size}"
-          + (f", M={cfg.clones}" if args.method == "data2vec2" else "") + f"), median of {args.repeats} steps.", "",
+          + (f", M={cfg.clones}" if args.method == "data2vec2" else "") + f", amp {cfg.amp}), median of {args.repeats} steps.", "",
           "| backend | step ms | images/s |", "|---|---|---|"]
     md += [f"| {k} | {med[k] * 1e3:.0f} | {cfg.batch_size / med[k]:.0f} |" for k in variants]
     md += ["", f"Fused step speed-up over the reference ops: **{result['speedup']:.2f}x**", ""]
