@@ -116,26 +116,39 @@ def load_fairseq_image_weights(model: Data2Vec2Image, student: dict[str, Tensor]
     Returns what was loaded, what of ours got nothing (`missing`) and what was not used (`unexpected`,
     with the reason for a shape mismatch).
     """
-    ours = model.state_dict()
-    report = LoadReport()
-    targets = [(name, tensor, False) for name, tensor in student.items()]
+    sources = [(name, tensor, False) for name, tensor in student.items()]
     if teacher is not None:
-        targets += [(name, tensor, True) for name, tensor in teacher.items()]
-    for name, tensor, is_teacher in targets:
-        if not isinstance(tensor, Tensor):
-            report.unexpected.append(f"{'_ema.' if is_teacher else ''}{name} (not a tensor)")
-            continue
-        dst = fairseq_image_name_map(name, teacher=is_teacher)
+        sources += [(name, tensor, True) for name, tensor in teacher.items()]
+    return copy_mapped_weights(model, sources, fairseq_image_name_map, teacher_given=teacher is not None)
+
+
+@torch.no_grad()
+def copy_mapped_weights(model: nn.Module, sources, name_map, *, teacher_given: bool,
+                        report: LoadReport | None = None, adapt=None) -> LoadReport:
+    """Shared by the image, audio and text loaders: copy each (fairseq name, tensor, is_teacher) of
+    `sources` to `name_map(name, teacher=is_teacher)` in `model`; report non-tensors, unmapped names and
+    shape mismatches as unexpected and everything of ours that got nothing as missing. `adapt(dst, tensor,
+    ours)` may reshape a tensor to our layout first. Without a teacher in the sources the teacher becomes
+    a copy of the loaded encoder (as the reference at update 0)."""
+    ours = model.state_dict()
+    report = report if report is not None else LoadReport()
+    for name, tensor, is_teacher in sources:
         label = f"_ema.{name}" if is_teacher else name
+        if not isinstance(tensor, Tensor):
+            report.unexpected.append(f"{label} (not a tensor)")
+            continue
+        dst = name_map(name, teacher=is_teacher)
         if dst is None or dst not in ours:
             report.unexpected.append(label)
             continue
+        if adapt is not None:
+            tensor = adapt(dst, tensor, ours[dst])
         if tuple(ours[dst].shape) != tuple(tensor.shape):
             report.unexpected.append(f"{label} (shape {tuple(tensor.shape)}, ours {dst} {tuple(ours[dst].shape)})")
             continue
         ours[dst].copy_(tensor)
         report.loaded.append(dst)
-    if teacher is None:
+    if not teacher_given:
         model.reset_teacher()
         report.loaded += [f"teacher.module.{k}" for k in model.encoder.state_dict()]
     loaded = set(report.loaded)
@@ -161,24 +174,13 @@ def _row(name: str, ours, golden: Tensor, tol: float, kind: str) -> ParityRow:
     return ParityRow(name, max_abs, max_rel, tol, ok, kind)
 
 
-class _Capture:
-    """Forward hooks recording the golden intermediates (module inputs / outputs)."""
+class HookCapture:
+    """Forward hooks recording golden intermediates (module inputs / outputs); each modality's parity
+    run subclasses it to say which modules to watch."""
 
-    def __init__(self, model: Data2Vec2Image):
+    def __init__(self):
         self.values: dict[str, Tensor] = {}
         self.handles = []
-        enc, tenc = model.encoder, model.teacher.module
-        self._out(enc.patch_embed, "student.local_features")
-        self._in(enc.prenet, "student.context_encoder_in")
-        self._out(enc.prenet, "student.prenet_out")
-        for i, blk in enumerate(enc.blocks):
-            self._out(blk, f"student.block{i}.out", index=0)
-        self._in(model.decoder, "decoder.input")
-        self._out(model.decoder, "decoder.output")
-        self._in(tenc.blocks[0], "teacher.blocks_in")
-        self._out(tenc.blocks[-1], f"teacher.block{len(tenc.blocks) - 1}.out", index=0)
-        for i, blk in enumerate(tenc.blocks):
-            self._out(blk, f"teacher.layer_result.{i}", index=1, drop_extra=True)
 
     def _in(self, module, name):
         def hook(_m, args):
@@ -194,6 +196,23 @@ class _Capture:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+class _Capture(HookCapture):
+    def __init__(self, model: Data2Vec2Image):
+        super().__init__()
+        enc, tenc = model.encoder, model.teacher.module
+        self._out(enc.patch_embed, "student.local_features")
+        self._in(enc.prenet, "student.context_encoder_in")
+        self._out(enc.prenet, "student.prenet_out")
+        for i, blk in enumerate(enc.blocks):
+            self._out(blk, f"student.block{i}.out", index=0)
+        self._in(model.decoder, "decoder.input")
+        self._out(model.decoder, "decoder.output")
+        self._in(tenc.blocks[0], "teacher.blocks_in")
+        self._out(tenc.blocks[-1], f"teacher.block{len(tenc.blocks) - 1}.out", index=0)
+        for i, blk in enumerate(tenc.blocks):
+            self._out(blk, f"teacher.layer_result.{i}", index=1, drop_extra=True)
 
 
 def _load_golden(golden_dir: str):

@@ -31,8 +31,8 @@ from ..backends import use_backend
 from ..models.data2vec2_audio import Data2Vec2Audio, Data2Vec2AudioConfig
 from ..models.masking import mask_to_ids
 from ..ops.targets import layer_average_targets
-from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, LoadReport, ParityRow, _fairseq_teacher,
-                     _grad_names, _load_golden, _row, format_rows)
+from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, HookCapture, LoadReport, ParityRow,
+               _fairseq_teacher, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
 
 __all__ = ["audio_parity", "fairseq_audio_name_map", "format_rows", "load_fairseq_audio_weights"]
 
@@ -93,41 +93,20 @@ def load_fairseq_audio_weights(model: Data2Vec2Audio, student_state: dict, teach
     what was loaded, what of ours got nothing (`missing`) and what was not used (`unexpected`, with the
     reason for a shape mismatch); nothing is dropped silently.
     """
-    ours = model.state_dict()
-    report = LoadReport()
     sources = [(n, t, False) for n, t in student_state.items()]
     if teacher_state is not None:
         sources += [(n, t, True) for n, t in teacher_state.items()]
-    for name, tensor, is_teacher in sources:
-        label = f"_ema.{name}" if is_teacher else name
-        if not isinstance(tensor, Tensor):
-            report.unexpected.append(f"{label} (not a tensor)")
-            continue
-        dst = fairseq_audio_name_map(name, teacher=is_teacher)
-        if dst is None or dst not in ours:
-            report.unexpected.append(label)
-            continue
-        if _is_alibi_scale(dst) and tensor.numel() == ours[dst].numel():
-            tensor = tensor.reshape(ours[dst].shape)
-        if tuple(ours[dst].shape) != tuple(tensor.shape):
-            report.unexpected.append(f"{label} (shape {tuple(tensor.shape)}, ours {dst} {tuple(ours[dst].shape)})")
-            continue
-        ours[dst].copy_(tensor)
-        report.loaded.append(dst)
-    if teacher_state is None:
-        model.reset_teacher()
-        report.loaded += [f"teacher.module.{k}" for k in model.encoder.state_dict()]
-    loaded = set(report.loaded)
-    report.missing = [k for k in ours if k not in loaded and not k.endswith("_extra_state")]
-    return report
+
+    def adapt(dst, tensor, ours):  # the reference's (1, 1, H, 1, 1) or older 4-D ALiBi scale -> ours
+        return tensor.reshape(ours.shape) if _is_alibi_scale(dst) and tensor.numel() == ours.numel() else tensor
+
+    return copy_mapped_weights(model, sources, fairseq_audio_name_map, teacher_given=teacher_state is not None,
+                               adapt=adapt)
 
 
-class _Capture:
-    """Forward hooks recording the golden intermediates (module inputs / outputs)."""
-
+class _Capture(HookCapture):
     def __init__(self, model: Data2Vec2Audio):
-        self.values: dict[str, Tensor] = {}
-        self.handles = []
+        super().__init__()
         enc, tenc = model.encoder, model.teacher.module
         self._out(model.feature_extractor, "student.cnn_out")
         self._out(model.project, "student.local_features")
@@ -145,20 +124,6 @@ class _Capture:
         self._out(tenc.blocks[-1], f"teacher.block{len(tenc.blocks) - 1}.out", index=0)
         for i, blk in enumerate(tenc.blocks):
             self._out(blk, f"teacher.layer_result.{i}", index=1)
-
-    def _in(self, module, name):
-        def hook(_m, args):
-            self.values[name] = args[0].detach().clone()
-        self.handles.append(module.register_forward_pre_hook(hook))
-
-    def _out(self, module, name, index=None):
-        def hook(_m, _args, out):
-            self.values[name] = (out if index is None else out[index]).detach().clone()
-        self.handles.append(module.register_forward_hook(hook))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def audio_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_teacher: bool = True,

@@ -27,8 +27,8 @@ from ..backends import use_backend
 from ..models import masking
 from ..models.data2vec2_text import Data2Vec2Text, Data2Vec2TextConfig, reference_mask_seed
 from ..ops.targets import layer_average_targets
-from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, LoadReport, ParityRow, _fairseq_teacher,
-                     _grad_names, _load_golden, _row, format_rows)
+from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, HookCapture, LoadReport, ParityRow,
+               _fairseq_teacher, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
 
 __all__ = ["fairseq_text_name_map", "format_rows", "load_fairseq_text_weights", "text_parity"]
 
@@ -72,38 +72,16 @@ def load_fairseq_text_weights(model: Data2Vec2Text, student_state: dict, teacher
         else:
             report.unexpected.append("_ema (a teacher_state was given too)" if isinstance(ema, dict)
                                      else "_ema (not a dict)")
-    ours = model.state_dict()
     sources = [(n, t, False) for n, t in student_state.items()]
     if teacher_state is not None:
         sources += [(n, t, True) for n, t in teacher_state.items()]
-    for name, tensor, is_teacher in sources:
-        label = f"_ema.{name}" if is_teacher else name
-        if not isinstance(tensor, Tensor):
-            report.unexpected.append(f"{label} (not a tensor)")
-            continue
-        dst = fairseq_text_name_map(name, teacher=is_teacher)
-        if dst is None or dst not in ours:
-            report.unexpected.append(label)
-            continue
-        if tuple(ours[dst].shape) != tuple(tensor.shape):
-            report.unexpected.append(f"{label} (shape {tuple(tensor.shape)}, ours {dst} {tuple(ours[dst].shape)})")
-            continue
-        ours[dst].copy_(tensor)
-        report.loaded.append(dst)
-    if teacher_state is None:
-        model.reset_teacher()
-        report.loaded += [f"teacher.module.{k}" for k in model.encoder.state_dict()]
-    loaded = set(report.loaded)
-    report.missing = [k for k in ours if k not in loaded and not k.endswith("_extra_state")]
-    return report
+    return copy_mapped_weights(model, sources, fairseq_text_name_map, teacher_given=teacher_state is not None,
+                               report=report)
 
 
-class _Capture:
-    """Forward hooks recording the golden intermediates (module inputs / outputs)."""
-
+class _Capture(HookCapture):
     def __init__(self, model: Data2Vec2Text):
-        self.values: dict[str, Tensor] = {}
-        self.handles = []
+        super().__init__()
         self._out(model.embed, "student.local_features")
         self._in(model.encoder, "student.prenet_out")  # the blocks' input: no context encoder for text
         for i, blk in enumerate(model.encoder.blocks):
@@ -115,20 +93,6 @@ class _Capture:
         self._out(tblocks[-1], f"teacher.block{len(tblocks) - 1}.out", index=0)
         for i, blk in enumerate(tblocks):
             self._out(blk, f"teacher.layer_result.{i}", index=1)
-
-    def _in(self, module, name):
-        def hook(_m, args):
-            self.values[name] = args[0].detach().clone()
-        self.handles.append(module.register_forward_pre_hook(hook))
-
-    def _out(self, module, name, index=None):
-        def hook(_m, _args, out):
-            self.values[name] = (out if index is None else out[index]).detach().clone()
-        self.handles.append(module.register_forward_hook(hook))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def text_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_teacher: bool = True,
