@@ -163,21 +163,12 @@ class Data2Vec2ImageConfig:
             raise ValueError(f"num_extra_tokens={img.get('num_extra_tokens')}: only the single CLS token is supported")
         if img.get("use_alibi_encoder", False) or not img.get("fixed_positions", True):
             raise ValueError("image ALiBi / learned positions are not supported")
-        if model.get("batch_norm_target_layer", False):
-            raise ValueError("batch_norm_target_layer is not supported")
-        if model.get("instance_norm_target_layer") and model.get("layer_norm_target_layer"):
-            raise ValueError("instance_norm_target_layer and layer_norm_target_layer together are not supported")
-        if model.get("layer_norm_targets") and model.get("instance_norm_targets"):
-            raise ValueError("layer_norm_targets and instance_norm_targets together are not supported")
         for key in ("add_positions_masked", "add_positions_all"):
             if dec.get(key, False):
                 raise ValueError(f"decoder.{key}=True is not supported")
         if dec.get("projection_layers", 1) != 1:
             raise ValueError("image decoder: only projection_layers=1 is supported")
-        layer_norm = "instance" if model.get("instance_norm_target_layer") else (
-            "layer" if model.get("layer_norm_target_layer") else None)
-        final_norm = "layer" if model.get("layer_norm_targets") else (
-            "instance" if model.get("instance_norm_targets") else None)
+        layer_norm, final_norm = fairseq_target_norms(model)
         return cls(
             img_size=int(img["input_size"]), patch_size=int(img["patch_size"]), in_chans=int(img["in_chans"]),
             embed_dim=int(model["embed_dim"]), depth=int(model["depth"]), num_heads=int(model["num_heads"]),
@@ -201,6 +192,22 @@ class Data2Vec2ImageConfig:
             ema_decay=float(model["ema_decay"]), ema_end_decay=float(model["ema_end_decay"]),
             ema_anneal_end_step=int(model["ema_anneal_end_step"]),
         )
+
+
+def fairseq_target_norms(model: dict) -> tuple[str | None, str | None]:
+    """(per-layer norm, final norm) of the teacher targets from a reference `model` config, shared by
+    the image, audio and text configs; combinations the reference allows but we do not build raise."""
+    if model.get("batch_norm_target_layer", False):
+        raise ValueError("batch_norm_target_layer is not supported")
+    if model.get("instance_norm_target_layer") and model.get("layer_norm_target_layer"):
+        raise ValueError("instance_norm_target_layer and layer_norm_target_layer together are not supported")
+    if model.get("layer_norm_targets") and model.get("instance_norm_targets"):
+        raise ValueError("layer_norm_targets and instance_norm_targets together are not supported")
+    layer_norm = "instance" if model.get("instance_norm_target_layer") else (
+        "layer" if model.get("layer_norm_target_layer") else None)
+    final_norm = "layer" if model.get("layer_norm_targets") else (
+        "instance" if model.get("instance_norm_targets") else None)
+    return layer_norm, final_norm
 
 
 IMAGE_PRESETS: dict[str, dict] = {

@@ -68,7 +68,7 @@ from ..ops.gather import gather_visible
 from ..ops.loss import masked_regression_loss
 from ..ops.targets import TargetLayerBuffer
 from . import masking
-from .data2vec2 import Data2Vec2Image, Data2Vec2Output, _weighted_var
+from .data2vec2 import Data2Vec2Image, Data2Vec2Output, _weighted_var, fairseq_target_norms
 from .vit import AltBlock, Prenet, init_bert_params
 
 __all__ = [
@@ -243,11 +243,6 @@ class Data2Vec2AudioConfig:
         unsupported = {
             "layer_norm_first=True (pre-LN blocks)": model.get("layer_norm_first", False),
             "end_of_block_targets=True": model.get("end_of_block_targets", False),
-            "batch_norm_target_layer=True": model.get("batch_norm_target_layer", False),
-            "instance_norm_target_layer and layer_norm_target_layer together":
-                model.get("instance_norm_target_layer") and model.get("layer_norm_target_layer"),
-            "layer_norm_targets and instance_norm_targets together":
-                model.get("layer_norm_targets") and model.get("instance_norm_targets"),
             "ema_encoder_only=True": model.get("ema_encoder_only", False),
             "cls_loss > 0 (audio has no CLS token)": model.get("cls_loss", 0.0) > 0,
             "recon_loss > 0": model.get("recon_loss", 0.0) > 0,
@@ -277,10 +272,7 @@ class Data2Vec2AudioConfig:
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"unsupported reference audio settings: {', '.join(bad)}")
-        layer_norm = "instance" if model.get("instance_norm_target_layer") else (
-            "layer" if model.get("layer_norm_target_layer") else None)
-        final_norm = "layer" if model.get("layer_norm_targets") else (
-            "instance" if model.get("instance_norm_targets") else None)
+        layer_norm, final_norm = fairseq_target_norms(model)  # raises on unsupported target norms
         return cls(
             feature_encoder_spec=aud["feature_encoder_spec"],
             embed_dim=int(model["embed_dim"]), depth=int(model["depth"]), num_heads=int(model["num_heads"]),

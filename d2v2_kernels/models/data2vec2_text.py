@@ -43,7 +43,7 @@ from ..ops.gather import gather_visible
 from ..ops.loss import masked_regression_loss
 from ..ops.targets import TargetLayerBuffer
 from . import masking
-from .data2vec2 import Data2Vec2Image, Data2Vec2Output, _weighted_var
+from .data2vec2 import Data2Vec2Image, Data2Vec2Output, _weighted_var, fairseq_target_norms
 from .vit import AltBlock, init_bert_params
 
 __all__ = [
@@ -185,19 +185,10 @@ class Data2Vec2TextConfig:
             raise ValueError("a shared decoder is not supported")
         if float(model.get("cls_loss", 0.0)) > 0 or float(model.get("recon_loss", 0.0)) > 0:
             raise ValueError("text: cls_loss / recon_loss are not supported")
-        if model.get("batch_norm_target_layer", False):
-            raise ValueError("batch_norm_target_layer is not supported")
-        if model.get("instance_norm_target_layer") and model.get("layer_norm_target_layer"):
-            raise ValueError("instance_norm_target_layer and layer_norm_target_layer together are not supported")
-        if model.get("layer_norm_targets") and model.get("instance_norm_targets"):
-            raise ValueError("layer_norm_targets and instance_norm_targets together are not supported")
         for key in ("add_positions_masked", "add_positions_all"):
             if dec.get(key, False):
                 raise ValueError(f"decoder.{key}=True is not supported")
-        layer_norm = "instance" if model.get("instance_norm_target_layer") else (
-            "layer" if model.get("layer_norm_target_layer") else None)
-        final_norm = "layer" if model.get("layer_norm_targets") else (
-            "instance" if model.get("instance_norm_targets") else None)
+        layer_norm, final_norm = fairseq_target_norms(model)
         extra = {} if vocab_size is None else {"vocab_size": int(vocab_size)}
         return cls(
             **extra, pad_idx=int(pad_idx),

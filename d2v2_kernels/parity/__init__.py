@@ -232,6 +232,19 @@ def _fairseq_teacher(golden_dir: str) -> dict[str, Tensor] | None:
     return ckpt.get("model", {}).get("_ema")
 
 
+def _golden_model(golden_dir: str, weights: dict, model: nn.Module | None, build, loader,
+                  use_checkpoint_teacher: bool) -> tuple[nn.Module, LoadReport]:
+    """The model a parity run compares: `model` as given (loaded elsewhere, e.g. by from_fairseq; it must
+    hold the golden update-0 weights already), or `build()` loaded with the golden weights and, by
+    default, the checkpoint's `_ema` teacher."""
+    torch.manual_seed(0)
+    if model is not None:
+        return model, LoadReport(loaded=list(model.state_dict()))
+    model = build()
+    teacher = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
+    return model, loader(model, weights, teacher)
+
+
 def image_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_teacher: bool = True,
                  model: nn.Module | None = None) -> tuple[list[ParityRow], LoadReport]:
     """Every comparison against shared/golden/image (see the module docstring). `backend`: a
@@ -241,13 +254,8 @@ def image_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_
     config = Data2Vec2ImageConfig.from_fairseq(cfg_json["cfg"])
     lr = float(cfg_json["golden"].get("sgd_lr", 0.1))
     grad_order = cfg_json["golden"]["meta"].get("grad_per_param_l2_norm_order")
-    torch.manual_seed(0)
-    if model is None:
-        model = Data2Vec2Image(config)
-        teacher_sd = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
-        report = load_fairseq_image_weights(model, weights, teacher_sd)
-    else:  # loaded elsewhere (from_fairseq, from_pretrained): it must hold the golden weights already
-        report = LoadReport(loaded=list(model.state_dict()))
+    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Image(config), load_fairseq_image_weights,
+                                  use_checkpoint_teacher)
     model.train()
 
     rows: list[ParityRow] = []

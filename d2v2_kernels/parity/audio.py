@@ -32,7 +32,7 @@ from ..models.data2vec2_audio import Data2Vec2Audio, Data2Vec2AudioConfig
 from ..models.masking import mask_to_ids
 from ..ops.targets import layer_average_targets
 from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, HookCapture, LoadReport, ParityRow,
-               _fairseq_teacher, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
+               _golden_model, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
 
 __all__ = ["audio_parity", "fairseq_audio_name_map", "format_rows", "load_fairseq_audio_weights"]
 
@@ -135,13 +135,8 @@ def audio_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_
     config = Data2Vec2AudioConfig.from_fairseq(cfg_json["cfg"])
     lr = float(cfg_json["golden"].get("sgd_lr", 0.1))
     grad_order = cfg_json["golden"]["meta"].get("grad_per_param_l2_norm_order")
-    torch.manual_seed(0)
-    if model is None:
-        model = Data2Vec2Audio(config)
-        teacher_sd = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
-        report = load_fairseq_audio_weights(model, weights, teacher_sd)
-    else:  # loaded elsewhere (from_fairseq, from_pretrained): it must hold the golden weights already
-        report = LoadReport(loaded=list(model.state_dict()))
+    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Audio(config), load_fairseq_audio_weights,
+                                  use_checkpoint_teacher)
     model.train()
 
     rows: list[ParityRow] = []

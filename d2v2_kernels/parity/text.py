@@ -28,7 +28,7 @@ from ..models import masking
 from ..models.data2vec2_text import Data2Vec2Text, Data2Vec2TextConfig, reference_mask_seed
 from ..ops.targets import layer_average_targets
 from . import (TOL_ACT, TOL_EMA, TOL_GRAD, TOL_LOSS, TOL_STUDENT_STEP, HookCapture, LoadReport, ParityRow,
-               _fairseq_teacher, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
+               _golden_model, _grad_names, _load_golden, _row, copy_mapped_weights, format_rows)
 
 __all__ = ["fairseq_text_name_map", "format_rows", "load_fairseq_text_weights", "text_parity"]
 
@@ -105,13 +105,8 @@ def text_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_t
     config = Data2Vec2TextConfig.from_fairseq(cfg_json["cfg"], vocab_size=weights[_EMBED_TOKENS].shape[0])
     lr = float(golden.get("sgd_lr", 0.1))
     grad_order = golden["meta"].get("grad_per_param_l2_norm_order")
-    torch.manual_seed(0)
-    if model is None:
-        model = Data2Vec2Text(config)
-        teacher_sd = _fairseq_teacher(golden_dir) if use_checkpoint_teacher else None
-        report = load_fairseq_text_weights(model, weights, teacher_sd)
-    else:  # loaded elsewhere (from_fairseq, from_pretrained): it must hold the golden weights already
-        report = LoadReport(loaded=list(model.state_dict()))
+    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Text(config), load_fairseq_text_weights,
+                                  use_checkpoint_teacher)
     model.train()
 
     rows: list[ParityRow] = []

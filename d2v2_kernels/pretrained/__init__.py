@@ -31,11 +31,11 @@ from .fairseq import CheckpointImportError, model_config, read_fairseq_checkpoin
 FORMAT, FORMAT_VERSION = "d2v2-kernels", 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
-# modality -> (config class, model class)
+# modality -> (config class, model class, fairseq weight loader)
 MODELS = {
-    "image": (Data2Vec2ImageConfig, Data2Vec2Image),
-    "audio": (Data2Vec2AudioConfig, Data2Vec2Audio),
-    "text": (Data2Vec2TextConfig, Data2Vec2Text),
+    "image": (Data2Vec2ImageConfig, Data2Vec2Image, load_fairseq_image_weights),
+    "audio": (Data2Vec2AudioConfig, Data2Vec2Audio, load_fairseq_audio_weights),
+    "text": (Data2Vec2TextConfig, Data2Vec2Text, load_fairseq_text_weights),
 }
 
 __all__ = ["CheckpointImportError", "LoadReport", "from_fairseq", "from_pretrained", "load_fairseq",
@@ -67,7 +67,7 @@ def load_fairseq(path: str) -> tuple[nn.Module, LoadReport]:
     model_cfg = model_config(ckpt, path)
     student, teacher = state_dicts(ckpt, path)
     modality = _modality(model_cfg, student, path)
-    config_cls, model_cls = MODELS[modality]
+    config_cls, model_cls, loader = MODELS[modality]
     try:
         if modality == "text":  # the vocabulary lives in the task's dictionary, not the cfg
             embed = student.get(_EMBED_TOKENS)
@@ -79,8 +79,6 @@ def load_fairseq(path: str) -> tuple[nn.Module, LoadReport]:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointImportError(f"{path}: cannot build a {modality} model from its cfg: {e!r}") from None
     model = model_cls(config)
-    loader = {"image": load_fairseq_image_weights, "audio": load_fairseq_audio_weights,
-              "text": load_fairseq_text_weights}[modality]
     report = loader(model, student, teacher)
     if teacher is None:
         warnings.warn(f"{path}: no '_ema' teacher in the checkpoint; the teacher starts as a copy of the student",
@@ -112,9 +110,9 @@ def save_pretrained(model: nn.Module, out_dir: str) -> None:
     leaves a half-written file under the final name."""
     from safetensors.torch import save_file
 
-    modality = next((m for m, (_, cls) in MODELS.items() if type(model) is cls), None)
+    modality = next((m for m, (_, cls, _) in MODELS.items() if type(model) is cls), None)
     if modality is None:
-        raise TypeError(f"save_pretrained: expected one of {[c.__name__ for _, c in MODELS.values()]}, "
+        raise TypeError(f"save_pretrained: expected one of {[c.__name__ for _, c, _ in MODELS.values()]}, "
                         f"got {type(model).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     full = model.state_dict()
@@ -165,7 +163,7 @@ def from_pretrained(path: str) -> nn.Module:
                                     f"reads {FORMAT_VERSION}")
     if meta.get("modality") not in MODELS or not isinstance(meta.get("config"), dict):
         raise CheckpointImportError(f"{config_path}: unknown modality {meta.get('modality')!r} or no config")
-    config_cls, model_cls = MODELS[meta["modality"]]
+    config_cls, model_cls, _ = MODELS[meta["modality"]]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(meta["config"]) - fields)
     if unknown:

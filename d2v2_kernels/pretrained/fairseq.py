@@ -2,13 +2,14 @@
 
 A fairseq checkpoint is a `torch.save` pickle: {"cfg" or "args", "model" (the student's state dict plus
 "_ema", the teacher's), optimizer and trainer state}. Its cfg comes as a plain dict, as an omegaconf
-DictConfig pickle (released checkpoints), or as a legacy argparse Namespace. We read it with PyTorch's
+DictConfig pickle (a checkpoint loaded with fairseq and saved again), or as a legacy argparse Namespace. We read it with PyTorch's
 `weights_only` unpickler, which only rebuilds tensors and plain containers, plus an allow-list:
 
 - omegaconf containers, nodes and metadata map to inert stand-ins (`_Inert`) that only store what the
   pickle hands them and are converted to plain dicts/lists afterwards;
-- numpy scalars / dtypes and fairseq meters (trainer statistics we never read) map to the same stand-ins;
-- argparse.Namespace, typing.Any and collections.defaultdict are harmless containers or markers.
+- numpy scalars / arrays / dtypes and fairseq meters (trainer statistics we never read) map to the same stand-ins;
+- argparse.Namespace, typing.Any, collections.defaultdict and plain builtin types (dict, list, int, ...)
+  are harmless containers or markers.
 
 Any other global (a function a hostile pickle would call, e.g. os.system) is refused by name before
 anything is unpickled.
@@ -131,8 +132,10 @@ def _plain(obj):
         return {k: _plain(v) for k, v in vars(obj).items()}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj) if isinstance(obj, list) else tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v) for v in obj)
     return obj
 
 
