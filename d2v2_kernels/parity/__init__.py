@@ -254,8 +254,8 @@ def image_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_
     config = Data2Vec2ImageConfig.from_fairseq(cfg_json["cfg"])
     lr = float(cfg_json["golden"].get("sgd_lr", 0.1))
     grad_order = cfg_json["golden"]["meta"].get("grad_per_param_l2_norm_order")
-    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Image(config), load_fairseq_image_weights,
-                                  use_checkpoint_teacher)
+    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Image(config),
+                                  load_fairseq_image_weights, use_checkpoint_teacher)
     model.train()
 
     rows: list[ParityRow] = []

@@ -105,8 +105,8 @@ def text_parity(golden_dir: str, backend: str | None = None, *, use_checkpoint_t
     config = Data2Vec2TextConfig.from_fairseq(cfg_json["cfg"], vocab_size=weights[_EMBED_TOKENS].shape[0])
     lr = float(golden.get("sgd_lr", 0.1))
     grad_order = golden["meta"].get("grad_per_param_l2_norm_order")
-    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Text(config), load_fairseq_text_weights,
-                                  use_checkpoint_teacher)
+    model, report = _golden_model(golden_dir, weights, model, lambda: Data2Vec2Text(config),
+                                  load_fairseq_text_weights, use_checkpoint_teacher)
     model.train()
 
     rows: list[ParityRow] = []

@@ -3,7 +3,8 @@
 A fairseq checkpoint is a `torch.save` pickle: {"cfg" or "args", "model" (the student's state dict plus
 "_ema", the teacher's), optimizer and trainer state}. Its cfg comes as a plain dict, as an omegaconf
 DictConfig pickle (a checkpoint loaded with fairseq and saved again), or as a legacy argparse Namespace.
-We read it with PyTorch's `weights_only` unpickler, which only rebuilds tensors and plain containers, plus an allow-list:
+We read it with PyTorch's `weights_only` unpickler, which only rebuilds tensors and plain containers,
+plus an allow-list:
 
 - omegaconf containers, nodes and metadata map to inert stand-ins (`_Inert`) that only store what the
   pickle hands them and are converted to plain dicts/lists afterwards;
